@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.9"
+# dependencies = ["pyzmq"]
+# ///
+"""minikernel: a complete Jupyter kernel in one file, to read top to bottom.
+
+User code runs in a *kernel* process. *Frontends* (a terminal console, a notebook, JupyterLab)
+are other processes that talk to it over five ZeroMQ sockets with signed JSON messages. A
+connection file says where the sockets are and holds the signing key, so any number of
+frontends can share one kernel, and its namespace.
+
+    frontend (miniconsole.py, jupyter console, ...)                 kernel (this file)
+    shell    DEALER --- execute_request, complete_request, ... -->  ROUTER  main thread: runs code
+                    <-- execute_reply, complete_reply, ... -------
+    iopub    SUB    <-- status, stream, execute_result, error ----  XPUB    shared by all threads
+    stdin    DEALER <-- input_request (input() in user code) -----  ROUTER  main thread
+                    --- input_reply ----------------------------->
+    control  DEALER --- shutdown, interrupt, kernel_info -------->  ROUTER  its own thread
+    hb       REQ    --- b"ping", echoed back as it is ----------->  ROUTER  echoed in C
+
+Every request on shell and control is answered on the same socket, and bracketed on iopub by
+status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
+frontend sees it, each knowing from parent_header which request it belongs to.
+
+The sections follow a message's life: the connection file, the wire format, the heartbeat,
+iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
+"""
+
+import argparse
+import ast
+import builtins
+import contextlib
+import getpass
+import hmac
+import io
+import json
+import linecache
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Optional
+
+import zmq
+
+__version__ = "0.1.0"
+USER = os.environ.get("USER", "username")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# What the threads share. main() fills in the sockets and session; the shell handlers keep
+# the rest up to date as requests come and go.
+kernel = {
+    "sockets": {},  # name -> zmq socket; each is used by one thread only (iopub: see its lock)
+    "session": None,  # signing state, from the connection file's key (see Wire format)
+    "connection": {},  # the connection file's dict, and its path
+    "connection_file": "",
+    "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
+    "execution_count": 1,  # the N of the next In[N]
+    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "payload": [],  # execute_reply payloads of the running cell (the pager)
+    "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
+    "queued": [],  # requests queued behind a cell that failed with stop_on_error
+    "exiting": False,  # shutdown is under way
+}
+user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+
+
+def log(line: str):
+    "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
+    print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+
+################ Connection file: where a frontend finds the kernel
+
+# A connection file is the whole address of a kernel: five ports, an ip, a transport, and the
+# key that signs messages. Anyone who can read it can run code here, so it is written 0600.
+#   {"shell_port": 53794, "iopub_port": 53795, "stdin_port": 53796, "control_port": 53797,
+#    "hb_port": 53798, "ip": "127.0.0.1", "key": "a0436f6c-...", "transport": "tcp",
+#    "signature_scheme": "hmac-sha256", "kernel_name": "minikernel"}
+
+CHANNELS = {"shell": zmq.ROUTER, "iopub": zmq.XPUB, "stdin": zmq.ROUTER,
+            "control": zmq.ROUTER, "hb": zmq.ROUTER}
+
+
+def data_dir() -> str:
+    "Jupyter's per-user data dir: kernelspecs live under it, and so does the runtime dir."
+    if os.environ.get("JUPYTER_DATA_DIR"):
+        return os.environ["JUPYTER_DATA_DIR"]
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Jupyter")
+    if os.name == "nt":
+        return os.path.join(os.environ.get("APPDATA", os.path.expanduser("~")), "jupyter")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(xdg, "jupyter")
+
+
+def runtime_dir() -> str:
+    "Where connection files go, so that `--existing` can find the newest one."
+    return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(data_dir(), "runtime")
+
+
+def new_connection(ip: str) -> dict:
+    "A fresh connection: a random key; port 0 means 'pick a free one when binding'."
+    return {**{f"{name}_port": 0 for name in CHANNELS}, "ip": ip, "key": str(uuid.uuid4()),
+            "transport": "tcp", "signature_scheme": "hmac-sha256", "kernel_name": "minikernel"}
+
+
+def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
+    "Bind the five sockets where the connection says, filling in the ports that were 0."
+    sockets = {}
+    for name, kind in CHANNELS.items():
+        sock = sockets[name] = ctx.socket(kind)
+        if kind == zmq.ROUTER:  # a frontend that reconnects with the same identity takes over
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        port = conn[f"{name}_port"]
+        if conn["transport"] == "ipc":
+            sock.bind(f"ipc://{conn['ip']}-{port}")
+        elif port:
+            sock.bind(f"tcp://{conn['ip']}:{port}")
+        else:
+            conn[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{conn['ip']}")
+    sockets["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, not just new topics
+    sockets["stdin"].setsockopt(zmq.ROUTER_MANDATORY, 1)  # fail fast if nobody listens for input
+    return sockets
+
+
+def write_connection_file(path: str, conn: dict):
+    "Write the connection file, readable by its owner only (the key inside runs code here)."
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(conn, f, indent=2)
+    os.chmod(path, 0o600)  # in case the file was there before, with looser permissions
+
+################ Wire format: one message, many frames
+
+# A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
+#   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
+# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
+# the four dict frames, keyed with the connection file's key: whoever holds the key may
+# run code, so everything received is checked before it is believed.
+
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.5"
+DICTS = ("header", "parent_header", "metadata", "content")
+REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+
+
+def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
+    "One end's signing state: its key, its session id and the signatures it has seen."
+    if not scheme.startswith("hmac-"):
+        raise ValueError(f"unsupported signature_scheme {scheme!r}")
+    auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+
+
+def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
+    "A message as the four dicts; parent_header is the whole header of the request it answers."
+    header = {"msg_id": uuid.uuid4().hex, "session": session["id"], "username": USER,
+              "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+              "msg_type": msg_type, "version": PROTOCOL_VERSION}
+    return {"header": header, "parent_header": parent or {}, "metadata": {}, "content": content}
+
+
+def sign(session: dict, parts: list) -> bytes:
+    "The hex HMAC over the four dict frames, in order; empty when there is no key."
+    if session["auth"] is None:
+        return b""
+    h = session["auth"].copy()  # copying the keyed state is cheaper than re-keying
+    for part in parts:
+        h.update(part)
+    return h.hexdigest().encode()
+
+
+def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
+    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    parts = [json.dumps(msg[k], default=str).encode() for k in DICTS]
+    return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
+
+
+def from_frames(session: dict, frames: list) -> dict:
+    "Check and parse frames into a message; ValueError says why they are not one."
+    if DELIM not in frames:
+        raise ValueError("no <IDS|MSG> delimiter")
+    i = frames.index(DELIM)
+    if len(frames) < i + 6:
+        raise ValueError(f"{len(frames) - i - 1} frames after the delimiter, need 5")
+    signature, parts = frames[i + 1], frames[i + 2 : i + 6]
+    if session["auth"] is not None:
+        if not signature:
+            raise ValueError("unsigned message")
+        if signature in session["seen"]:
+            raise ValueError("replayed message (signature seen before)")
+        if not hmac.compare_digest(signature, sign(session, parts)):
+            raise ValueError("bad signature")
+        session["seen"].add(signature)
+        session["order"].append(signature)
+        if len(session["order"]) > REPLAY_MEMORY:
+            session["seen"].discard(session["order"].popleft())
+    msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8 raises ValueError
+    if not all(isinstance(msg[k], dict) for k in DICTS):
+        raise ValueError("header, parent_header, metadata and content must be JSON objects")
+    if not isinstance(msg["header"].get("msg_type"), str):
+        raise ValueError("header has no msg_type")
+    msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
+    return msg
+
+################ Heartbeat: proof of life
+
+# Frontends ping hb about once a second and call the kernel dead after a second of silence.
+# User code may hold the GIL for minutes (a long C call, a tight loop), so the echo must not
+# need Python: zmq.proxy runs in C with the GIL released. A ROUTER proxied to itself sends
+# each [identity, b"", ping] straight back to the frontend it came from.
+
+def heartbeat(hb: zmq.Socket):
+    "Echo every ping, in C, until the context ends."
+    try:
+        zmq.proxy(hb, hb)
+    except zmq.ContextTerminated:
+        hb.close()
+
+
+################ iopub: every output, broadcast to every frontend
+
+# Status comes from the control thread, output from any thread that prints, results from the
+# main thread; but a zmq socket must not be used by two threads at once. The simplest correct
+# owner is a lock: whoever holds iopub_lock may touch the iopub socket and the output buffer.
+# A ticker thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish
+# buffered output, so a long-running cell's prints arrive while it runs.
+
+FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
+FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
+iopub_lock = threading.RLock()  # re-entrant: a __str__ that prints must not deadlock a flush
+output = {"runs": [], "size": 0}  # buffered text: [[name, [text, ...]], ...] in write order
+
+
+def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = ""):
+    "Broadcast on iopub: [topic, <IDS|MSG>, signature, header, parent, metadata, content]."
+    iopub, session = kernel["sockets"]["iopub"], kernel["session"]
+    if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+        msg = new_msg(session, msg_type, content, parent)
+        topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
+        iopub.send_multipart(to_frames(session, msg, [topic.encode()]))
+
+
+def flush_output():
+    "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    runs, output["runs"], output["size"] = output["runs"], [], 0
+    for name, texts in runs:
+        send_iopub("stream", {"name": name, "text": "".join(texts)}, kernel["parent"]["header"])
+
+
+def publish(msg_type: str, content: dict, parent: Optional[dict] = None):
+    "Broadcast a message, after any output printed before it, so frontends see them in order."
+    with iopub_lock:
+        flush_output()
+        send_iopub(msg_type, content, parent)
+
+
+def status(state: str, parent: Optional[dict] = None):
+    "Tell every frontend what the kernel is doing: starting, busy or idle (with whose request)."
+    publish("status", {"execution_state": state}, parent)
+
+
+def iopub_ticker(iopub: zmq.Socket):
+    "Every FLUSH_INTERVAL: greet new subscribers with iopub_welcome, publish buffered output."
+    while True:
+        time.sleep(FLUSH_INTERVAL)
+        with iopub_lock:
+            if iopub.closed:
+                return
+            while iopub.poll(0):
+                event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
+                if event[:1] == b"\x01":
+                    topic = event[1:].decode(errors="replace")
+                    send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
+            flush_output()
+
+
+class Stream(io.TextIOBase):
+    "sys.stdout or sys.stderr: text is buffered, then published on iopub as stream messages."
+
+    encoding = "utf-8"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with iopub_lock:
+            runs = output["runs"]
+            if runs and runs[-1][0] == self.name:
+                runs[-1][1].append(text)
+            else:  # stdout and stderr interleave in the order they were written
+                runs.append([self.name, [text]])
+            output["size"] += len(text)
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
+        return len(text)
+
+    def flush(self):
+        with iopub_lock:
+            flush_output()
+
+
+################ Rich output: display_data, execute_result, clear_output
+
+# An object shows itself as a mimebundle, {mimetype: data}: text/plain from repr(), plus
+# whatever rich reprs it offers. The frontend picks the richest type it can render.
+
+REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
+         "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
+         "_repr_latex_": "text/latex", "_repr_json_": "application/json"}
+
+
+def mimebundle(obj) -> tuple[dict, dict]:
+    "An object as (data, metadata): text/plain always, and every rich repr it offers."
+    data, metadata = {"text/plain": repr(obj)}, {}
+    if isinstance(obj, type):  # a class's _repr_html_ is an unbound function, not a repr
+        return data, metadata
+    for method, mime in REPRS.items():
+        try:
+            value = getattr(obj, method)()
+        except Exception:  # no such repr, or a broken one: text/plain still stands
+            continue
+        if isinstance(value, tuple):  # (data, metadata)
+            value, metadata[mime] = value
+        if isinstance(value, bytes):  # images travel as base64 text inside JSON
+            import base64
+            value = base64.b64encode(value).decode()
+        if value is not None:
+            data[mime] = value
+    try:
+        bundle = obj._repr_mimebundle_(include=None, exclude=None)
+    except Exception:
+        return data, metadata
+    bundle, extra = bundle if isinstance(bundle, tuple) else (bundle, {})
+    data.update(bundle or {})
+    metadata.update(extra or {})
+    return data, metadata
+
+
+def display(*objs, display_id: Optional[str] = None, update: bool = False):
+    "Show objects below the cell; with display_id, update=True replaces that earlier display."
+    transient = {"display_id": display_id} if display_id else {}
+    for obj in objs:
+        data, metadata = mimebundle(obj)
+        publish("update_display_data" if update else "display_data",
+                {"data": data, "metadata": metadata, "transient": transient},
+                kernel["parent"]["header"])
+
+
+def clear_output(wait: bool = False):
+    "Clear this cell's output now, or (wait=True) just before the next output arrives."
+    publish("clear_output", {"wait": wait}, kernel["parent"]["header"])
+
+################ stdin: input() answered by a frontend
+
+# The kernel has no keyboard. When user code calls input(), the kernel sends input_request on
+# stdin to the frontend that sent the running execute_request (its stdin DEALER shares its
+# shell identity, so the same routing ids reach it), and waits for that frontend's input_reply.
+
+class StdinNotImplementedError(NotImplementedError):
+    "input() was called, but the frontend that ran this cell cannot answer input requests."
+
+
+def input_request(prompt: str = "", password: bool = False) -> str:
+    "Ask the frontend running this cell for one line: input_request out, input_reply back."
+    parent, stdin, session = kernel["parent"], kernel["sockets"]["stdin"], kernel["session"]
+    if not parent["content"].get("allow_stdin", True):
+        raise StdinNotImplementedError(
+            "input() needs a frontend that answers input requests; this one said allow_stdin=False")
+    sys.stdout.flush()  # the prompt must come after what the cell printed before it
+    drain(stdin)  # replies to earlier, interrupted requests are stale now
+    msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
+                  parent["header"])
+    try:
+        stdin.send_multipart(to_frames(session, msg, parent["ids"]))
+    except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
+        raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
+    while True:
+        try:
+            reply = from_frames(session, stdin.recv_multipart())  # Ctrl-C raises here, as it should
+        except ValueError as e:
+            log(f"stdin: dropped a message: {e}")
+            continue
+        if reply["header"]["msg_type"] == "input_reply":
+            break
+    value = reply["content"].get("value", "")
+    if value == "\x04":  # Ctrl-D at the frontend's prompt
+        raise EOFError("EOF from the frontend")
+    return value
+
+
+def user_input(prompt: object = "") -> str:
+    "builtins.input, for user code: the line comes from a frontend."
+    return input_request(str(prompt))
+
+
+def user_getpass(prompt: str = "Password: ", stream=None) -> str:
+    "getpass.getpass, for user code: the frontend hides what is typed."
+    return input_request(prompt, password=True)
+
+################ Running a cell: REPL semantics
+
+# A cell runs like input at the Python prompt: its statements run in the user's namespace, and
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
+# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
+# __magic__ before compiling, line for line, so tracebacks still point at the right line.
+
+MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
+HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
+
+
+def transform(code: str) -> str:
+    "Rewrite magic and help lines as Python calls, keeping line numbers."
+    def line(text):
+        if m := MAGIC_LINE.match(text):
+            indent, name, arg = m.groups()
+            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
+        if m := HELP_LINE.match(text):
+            indent, name, marks = m.groups()
+            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
+        return text
+    return "\n".join(map(line, code.split("\n")))
+
+
+def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
+    "Run a cell; return (error content or None, text/plain of its result or None)."
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
+    kernel["running"] = True
+    try:
+        tree = ast.parse(transform(code), name)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, name, "exec"), user.__dict__)
+        if last is None:
+            return None, None
+        value = eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
+        if value is None or silent:
+            return None, None
+        user._ = value
+        data, metadata = mimebundle(value)
+        publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
+                                   "metadata": metadata}, kernel["parent"]["header"])
+        return None, data["text/plain"]
+    except BaseException as e:  # the user's KeyboardInterrupt and SystemExit included
+        kernel["running"] = False
+        if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
+            raise
+        error = error_content(e)
+        publish("error", error, kernel["parent"]["header"])
+        return error, None
+    finally:
+        kernel["running"] = False
+
+
+CELL_FRAME = re.compile(r'File "(Cell In\[\d+\])", line')  # shown as: Cell In[3], line 2
+
+
+class UsageError(Exception):
+    "A magic was misused: shown as one line, without a traceback."
+
+
+def error_content(e: BaseException) -> dict:
+    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+    tb = e.__traceback__
+    while tb and tb.tb_frame.f_code.co_filename == __file__:  # start %debug in the user's code
+        tb = tb.tb_next
+    sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb or e.__traceback__
+    if isinstance(e, UsageError):
+        return {"ename": "UsageError", "evalue": str(e), "traceback": [f"UsageError: {e}"]}
+    te = traceback.TracebackException(type(e), e, e.__traceback__)
+    hide_kernel_frames(te)
+    return {"ename": type(e).__name__, "evalue": str(e),
+            "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
+
+
+def hide_kernel_frames(te: traceback.TracebackException):
+    "Drop this file's frames from a traceback (and the exceptions chained to it)."
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != __file__])
+    for chained in (te.__cause__, te.__context__):
+        if chained is not None:
+            hide_kernel_frames(chained)
+
+################ Shell handlers: one request in, one reply out
+
+# Each handler takes a request and returns its reply's content, built right there; dispatch()
+# sends it as <name>_reply. A handler that returns None sends no reply (comm messages).
+
+LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype": "text/x-python",
+                 "file_extension": ".py", "pygments_lexer": "python3",
+                 "codemirror_mode": {"name": "ipython", "version": 3},
+                 "nbconvert_exporter": "python"}
+BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
+          "Magics: %connect_info, %console, %debug; obj? and obj?? for help.")
+
+
+def execute_request(msg: dict) -> dict:
+    "Run a cell: execute_input, then its outputs on iopub, then this reply."
+    c = msg["content"]
+    code, silent = c["code"], c.get("silent", False)
+    store = c.get("store_history", True) and not silent
+    n = kernel["execution_count"]
+    if not silent:
+        publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
+    kernel["payload"] = []
+    error, result = run_cell(code, f"Cell In[{n}]", silent)
+    if store:
+        kernel["history"].append((n, code, result))
+        kernel["execution_count"] += 1
+    count = kernel["execution_count"] - 1  # this cell's N, or the last stored one's when silent
+    if error:
+        if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
+            kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
+        return {"status": "error", "execution_count": count, **error}
+    expressions = {k: user_expression(v) for k, v in c.get("user_expressions", {}).items()}
+    return {"status": "ok", "execution_count": count, "payload": kernel["payload"],
+            "user_expressions": expressions}
+
+
+def user_expression(expr: str) -> dict:
+    "Evaluate one of an execute_request's user_expressions, for the frontend's own use."
+    try:
+        data, metadata = mimebundle(eval(expr, user.__dict__))
+        return {"status": "ok", "data": data, "metadata": metadata}
+    except Exception as e:
+        return {"status": "error", **error_content(e)}
+
+
+def drain(sock: zmq.Socket) -> list:
+    "Every message waiting on a socket right now."
+    frames = []
+    while sock.poll(0):
+        frames.append(sock.recv_multipart())
+    return frames
+
+
+def aborted_execute(msg: dict) -> dict:
+    "An execute_request queued behind a failed cell is not run (stop_on_error)."
+    return {"status": "aborted", "execution_count": kernel["execution_count"] - 1}
+
+
+def kernel_info_request(msg: dict) -> dict:
+    "Who answers: protocol version, implementation, and the language it runs."
+    return {"status": "ok", "protocol_version": PROTOCOL_VERSION, "implementation": "minikernel",
+            "implementation_version": __version__, "language_info": LANGUAGE_INFO,
+            "banner": BANNER, "debugger": False, "supported_features": [],
+            "help_links": [{"text": "Python", "url": "https://docs.python.org/3/"}]}
+
+
+def resolve(name: str):
+    "The object a dotted name refers to in the user's namespace, found without running code."
+    first, *attrs = name.split(".")
+    obj = user.__dict__[first] if first in user.__dict__ else getattr(builtins, first)
+    for attr in attrs:
+        obj = getattr(obj, attr)
+    return obj
+
+
+def cursor(c: dict) -> int:
+    "The request's cursor_pos, in code points (protocol 5.2), checked against the code."
+    code, pos = c["code"], c.get("cursor_pos")
+    pos = len(code) if pos is None else pos
+    if not isinstance(pos, int) or not 0 <= pos <= len(code):
+        raise ValueError(f"cursor_pos {pos!r} is outside the code")
+    return pos
+
+
+def complete_request(msg: dict) -> dict:
+    "Tab: the names, attributes and keywords that could finish the word before the cursor."
+    import keyword
+    code, pos = msg["content"]["code"], cursor(msg["content"])
+    word = re.search(r"[\w.]*$", code[:pos]).group()  # "os.pa|" -> base "os", prefix "pa"
+    base, dot, prefix = word.rpartition(".")
+    try:
+        names = dir(resolve(base)) if dot else [*user.__dict__, *dir(builtins), *keyword.kwlist]
+    except Exception:  # nothing by that name: nothing to offer
+        names = []
+    private = prefix.startswith("_")  # _names only when asked for
+    matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
+    return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
+            "cursor_end": pos, "metadata": {}}
+
+
+def inspect_request(msg: dict) -> dict:
+    "Shift-Tab help: what `obj?` shows (detail_level 1: `obj??`), for the name at the cursor."
+    code, pos = msg["content"]["code"], cursor(msg["content"])
+    name = re.search(r"[\w.]*$", code[:pos]).group() + re.match(r"\w*", code[pos:]).group()
+    if not name.strip("."):  # "print(|": help on the function being called
+        called = re.search(r"([\w.]+)\(\s*$", code[:pos])
+        name = called.group(1) if called else ""
+    try:
+        text = describe(resolve(name.strip(".")), name, msg["content"].get("detail_level", 0))
+    except Exception:
+        return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+    return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+
+def describe(obj, name: str, detail: int) -> str:
+    "Help text: type, signature and docstring; detail 1 adds the source."
+    import inspect  # imported on first use: most kernels never need it
+    lines = [f"Type:      {type(obj).__name__}"]
+    try:
+        lines.append(f"Signature: {name}{inspect.signature(obj)}")
+    except (TypeError, ValueError):  # not callable, or a builtin without one
+        lines.append(f"Value:     {repr(obj)[:200]}")
+    lines.append("Docstring:\n" + (inspect.getdoc(obj) or "<no docstring>"))
+    if detail:
+        try:
+            lines.append("Source:\n" + inspect.getsource(obj))
+        except (TypeError, OSError):
+            lines.append("Source:    <not available>")
+    return "\n".join(lines)
+
+
+def is_complete_request(msg: dict) -> dict:
+    "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
+    import codeop
+    import warnings
+    source = transform(msg["content"]["code"])
+    try:
+        with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
+            warnings.simplefilter("ignore")
+            compiled = codeop.compile_command(source, "<cell>", "exec")
+    except (SyntaxError, ValueError, OverflowError):
+        return {"status": "invalid"}
+    last = source.split("\n")[-1]
+    indent = last[: len(last) - len(last.lstrip())]
+    if compiled is None:  # an open bracket, or a block that has no body yet
+        return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
+    if indent and last.strip():  # inside an indented block: a blank line ends it
+        return {"status": "incomplete", "indent": indent}
+    return {"status": "complete"}
+
+
+def history_request(msg: dict) -> dict:
+    "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
+    import fnmatch
+    c, rows = msg["content"], kernel["history"]
+    kind = c.get("hist_access_type")
+    if kind == "tail":
+        rows = rows[-c["n"]:] if c.get("n") else rows
+    elif kind == "range":
+        if c.get("session", 0) not in (0, 1):  # 0 is the current session; there is no other
+            rows = []
+        start, stop = c.get("start") or 1, c.get("stop")
+        rows = [r for r in rows if start <= r[0] and (stop is None or r[0] < stop)]
+    elif kind == "search":
+        rows = [r for r in rows if fnmatch.fnmatchcase(r[1], c.get("pattern") or "*")]
+        if c.get("unique"):  # the latest run of each distinct input
+            latest = {r[1]: r for r in rows}
+            rows = sorted(latest.values())
+        rows = rows[-c["n"]:] if c.get("n") else rows
+    else:
+        raise ValueError(f"hist_access_type must be tail, range or search, not {kind!r}")
+    entries = [[1, n, [code, out] if c.get("output") else code] for n, code, out in rows]
+    return {"status": "ok", "history": entries}
+
+
+def comm_info_request(msg: dict) -> dict:
+    "Which comms are open: none, since this kernel registers no comm targets."
+    return {"status": "ok", "comms": {}}
+
+
+def comm_open(msg: dict):
+    "A frontend wants a comm to a target we don't have: close it, so it does not wait."
+    publish("comm_close", {"comm_id": msg["content"]["comm_id"], "data": {}}, msg["header"])
+
+
+SHELL_HANDLERS = {
+    "execute_request": execute_request,
+    "kernel_info_request": kernel_info_request,
+    "complete_request": complete_request,
+    "inspect_request": inspect_request,
+    "is_complete_request": is_complete_request,
+    "history_request": history_request,
+    "comm_info_request": comm_info_request,
+    "comm_open": comm_open,
+    "comm_msg": lambda msg: None,  # no comm is ever open: nothing to deliver it to
+    "comm_close": lambda msg: None,
+}
+
+
+def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
+    "Check a request, bracket it with busy and idle on iopub, run its handler, send its reply."
+    session = kernel["session"]
+    try:
+        msg = from_frames(session, frames)
+    except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
+        log(f"{channel}: dropped a message: {e}")
+        return
+    msg_type, header = msg["header"]["msg_type"], msg["header"]
+    if channel == "shell":
+        kernel["parent"] = msg
+    handler = handlers.get(msg_type)
+    status("busy", header)
+    try:
+        if handler is None:
+            log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
+            reply = None
+        else:
+            reply = handler(msg)
+    except (Exception, KeyboardInterrupt) as e:  # signed, but nonsense: say so, keep serving
+        log(f"{channel}: {msg_type} failed: {type(e).__name__}: {e}")
+        reply = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
+    if reply is not None and msg_type.endswith("_request"):
+        reply_msg = new_msg(session, msg_type[: -len("request")] + "reply", reply, header)
+        sock.send_multipart(to_frames(session, reply_msg, msg["ids"]))
+    status("idle", header)
+
+
+ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
+
+
+def serve_shell(shell: zmq.Socket):
+    "The main thread: take shell requests one at a time, in order, and run them."
+    while True:
+        dispatch("shell", shell, shell.recv_multipart(), SHELL_HANDLERS)
+        queued, kernel["queued"] = kernel["queued"], []
+        for frames in queued:  # behind a failed cell: answered, but no code runs
+            dispatch("shell", shell, frames, ABORT_HANDLERS)
+
+################ Control: shutdown and interrupt, even while a cell runs
+
+# Control has its own socket and its own thread, so a frontend can stop or interrupt a kernel
+# whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
+# handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
+
+def on_sigint(signum, frame):
+    "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
+    if kernel["exiting"]:
+        raise SystemExit(0)
+    if kernel["running"]:  # idle, it is ignored: jupyter_client sends one before every shutdown
+        raise KeyboardInterrupt
+
+
+def leave(reason: str):
+    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
+    log(f"shutting down: {reason}")
+    kernel["exiting"] = True
+    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit():
+    "Exit now, tidying only the connection file."
+    remove_connection_file()
+    os._exit(0)
+
+
+def interrupt_request(msg: dict) -> dict:
+    "Raise KeyboardInterrupt in the running cell, as Ctrl-C would; harmless when idle."
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    return {"status": "ok"}
+
+
+def shutdown_request(msg: dict) -> dict:
+    "Agree to shut down. To restart, the frontend's manager starts a new process after this one."
+    kernel["exiting"] = True
+    return {"status": "ok", "restart": bool(msg["content"].get("restart", False))}
+
+
+CONTROL_HANDLERS = {
+    "shutdown_request": shutdown_request,
+    "interrupt_request": interrupt_request,
+    "kernel_info_request": kernel_info_request,
+}
+
+
+def serve_control(control: zmq.Socket):
+    "The control thread: answer control requests until one of them is a shutdown."
+    try:
+        while not kernel["exiting"]:
+            dispatch("control", control, control.recv_multipart(), CONTROL_HANDLERS)
+    except zmq.ContextTerminated:  # the main thread is already shutting down
+        control.close()
+        return
+    control.close()  # its linger still delivers the shutdown_reply
+    leave("shutdown_request")
+
+
+def watch_parent():
+    "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(1)
+    leave("the parent process died")
+
+
+################ Magics: the seed's %connect_info, %console, %debug, and obj?
+
+def magic(name: str, arg: str):
+    "Run %name with its argument string."
+    if name not in MAGICS:
+        known = ", ".join(f"%{m}" for m in MAGICS)
+        raise UsageError(f"unknown magic %{name}. The magics are {known} (obj? is %pinfo obj).")
+    MAGICS[name](arg)
+
+
+def connect_info(arg: str):
+    "%connect_info: the connection file's contents, and how to attach another frontend to them."
+    path = kernel["connection_file"]
+    print(json.dumps(kernel["connection"], indent=2))
+    print(f"\nConnection file: {path}\nAttach another frontend to this kernel from a terminal:")
+    print(f"    python miniconsole.py --existing {path}")
+    if os.path.dirname(path) == os.path.abspath(runtime_dir()):  # --existing searches there
+        name = os.path.basename(path).removeprefix("kernel-")[:8]
+        print(f"    python miniconsole.py --existing {name}"
+              "   (part of the file name is enough)\n"
+              "    python miniconsole.py --existing   (no name: the newest kernel)")
+    print(f"    jupyter console --existing {path}")
+
+
+def console(arg: str):
+    "%console: open a second console on this kernel (tmux window, terminal, or a command to run)."
+    import shlex
+    import shutil
+    import subprocess
+    script = os.path.join(HERE, "miniconsole.py")
+    cmd = ([sys.executable, script] if os.path.exists(script) else ["jupyter", "console"])
+    cmd += ["--existing", kernel["connection_file"]]
+    terminals = [["x-terminal-emulator", "-e"], ["gnome-terminal", "--"], ["konsole", "-e"],
+                 ["xterm", "-e"]]
+    if os.environ.get("TMUX") and shutil.which("tmux"):
+        launch, where = ["tmux", "new-window", shlex.join(cmd)], "a new tmux window"
+    elif os.environ.get("DISPLAY") and (found := [t for t in terminals if shutil.which(t[0])]):
+        launch, where = found[0] + cmd, f"a new {found[0][0]} window"
+    else:
+        print(f"No tmux or terminal window to open; run this in a terminal:\n    {shlex.join(cmd)}")
+        return
+    subprocess.Popen(launch, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)  # never waits for it
+    print(f"Opened a console on this kernel in {where}.")
+
+
+def debug(arg: str):
+    "%debug: post-mortem pdb on the last exception; you talk to it through input_request."
+    import pdb
+    if getattr(sys, "last_traceback", None) is None:
+        raise UsageError("%debug: no exception to debug yet")
+    pdb.post_mortem(sys.last_traceback)
+
+
+def pinfo(arg: str, detail: int = 0):
+    "obj?: signature and docstring, sent to the pager (an execute_reply payload)."
+    try:
+        text = describe(resolve(arg), arg, detail)
+    except Exception:
+        text = f"Object `{arg}` not found."
+    kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
+
+
+MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
+          "pinfo2": lambda arg: pinfo(arg, detail=1)}
+
+################ Main: start a kernel, or install its kernelspec
+
+HELP = """\
+Start a kernel:
+  python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
+                                     connection file kernel-<id>.json in the Jupyter runtime dir
+  python minikernel.py -f FILE       the kernelspec way: bind exactly what FILE says (transport,
+                                     ip, ports, key); if FILE does not exist, write it as above
+  python minikernel.py --ip ADDR     listen on ADDR instead of 127.0.0.1 (warns if not loopback)
+
+Let Jupyter start it (jupyter console --kernel minikernel, nbclient, JupyterLab):
+  python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+
+Attach to a running kernel: python miniconsole.py --existing
+Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend, or kill PID.
+"""
+
+
+def install(args: argparse.Namespace):
+    "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
+    prefix = args.prefix or (sys.prefix if args.sys_prefix else None)
+    base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
+    spec_dir = os.path.join(base, "kernels", args.name)
+    os.makedirs(spec_dir, exist_ok=True)
+    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
+            "display_name": f"Python 3 ({args.name})", "language": "python",
+            "interrupt_mode": "message", "metadata": {"debugger": False}}
+    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+    print(f"Installed kernelspec {args.name} in {spec_dir}")
+
+
+def remove_connection_file():
+    "Remove the connection file, if this kernel wrote it (a kernel manager cleans up its own)."
+    if kernel.get("wrote_file"):
+        with contextlib.suppress(OSError):
+            os.remove(kernel["connection_file"])
+
+
+def serve(path: Optional[str], ip: str):
+    "Bind the five sockets, start the threads, and run shell requests until shutdown."
+    if path and os.path.exists(path):
+        with open(path) as f:
+            conn = {**new_connection(ip), **json.load(f)}
+    else:
+        conn = new_connection(ip)
+        path = path or os.path.join(runtime_dir(), f"kernel-{uuid.uuid4()}.json")
+    if conn["ip"] not in ("127.0.0.1", "localhost", "::1") and conn["transport"] == "tcp":
+        log(f"warning: listening on {conn['ip']}, not loopback: other machines can reach it")
+    if not conn["key"]:
+        log("warning: empty key, messages are not signed: anyone who can connect can run code")
+    ctx = zmq.Context()
+    ctx.linger = 1000  # at exit, give queued replies a second to leave
+    sockets = bind_sockets(ctx, conn)
+    kernel.update(sockets=sockets, connection=conn, connection_file=os.path.abspath(path),
+                  session=new_session(conn["key"], conn["signature_scheme"]),
+                  wrote_file=not os.path.exists(path))
+    if kernel["wrote_file"]:
+        write_connection_file(path, conn)
+
+    # The user's world: a fresh __main__, output to iopub, input from the frontend.
+    sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    sys.modules["__main__"] = user  # so pickle finds classes defined in cells
+    user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
+                         __magic__=magic)
+    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    builtins.input, getpass.getpass = user_input, user_getpass
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
+
+    threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
+               (iopub_ticker, sockets["iopub"])]
+    if os.environ.get("JPY_PARENT_PID"):
+        threads.append((watch_parent,))
+    for target, *args in threads:
+        threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
+    status("starting")
+    if kernel["wrote_file"]:
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
+              f"    python miniconsole.py --existing\n"
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
+    code = 0
+    try:
+        serve_shell(sockets["shell"])
+    except SystemExit:  # shutdown_request, SIGTERM or the parent's death, via on_sigint
+        pass
+    except BaseException as e:  # a bug in this file: say so, and still clean up
+        log(f"crashed: {type(e).__name__}: {e}")
+        code = 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
+    with iopub_lock:
+        flush_output()
+        sockets["iopub"].close()
+    sockets["shell"].close()
+    sockets["stdin"].close()
+    ctx.term()  # waits for control and hb to close, and for queued messages to leave
+    remove_connection_file()
+    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+
+
+def main(argv: Optional[list] = None):
+    "Parse the command line: serve a kernel, or install its kernelspec."
+    parser = argparse.ArgumentParser(
+        prog="minikernel.py", description="A Jupyter kernel in one file.", epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-f", dest="connection_file", metavar="FILE",
+                        help="connection file to bind (written first if it does not exist)")
+    parser.add_argument("--ip", default="127.0.0.1", help="address for a new kernel's sockets")
+    commands = parser.add_subparsers(dest="command", metavar="install")
+    inst = commands.add_parser("install", help="write a kernelspec so Jupyter can start it")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user (the default)")
+    where.add_argument("--sys-prefix", action="store_true", help="into sys.prefix (a venv)")
+    where.add_argument("--prefix", metavar="DIR", help="into DIR/share/jupyter/kernels")
+    inst.add_argument("--name", default="minikernel", help="kernelspec name (default minikernel)")
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        install(args)
+    else:
+        serve(args.connection_file, args.ip)
+
+
+if __name__ == "__main__":
+    main()

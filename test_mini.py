@@ -1,0 +1,585 @@
+"""Tests for minikernel and miniconsole: real processes, real sockets, real Jupyter clients.
+
+Every kernel here is a real `python minikernel.py` process. The clients are jupyter_client,
+jupyter_kernel_test, nbclient, jupyter console under pexpect, and raw pyzmq sockets.
+Everything runs in a temporary Jupyter runtime and data dir, never the user's own.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import jupyter_kernel_test
+import pytest
+import zmq
+from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.manager import start_new_kernel
+from jupyter_client.session import Session
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL = os.path.join(HERE, "minikernel.py")
+TIMEOUT = 15
+
+# One temporary Jupyter home for the whole run, with the minikernel kernelspec installed in it:
+# set before any client or kernel starts, so nothing touches the user's own dirs.
+JUPYTER_HOME = tempfile.mkdtemp(prefix="minikernel-test-")
+os.environ.update(JUPYTER_DATA_DIR=os.path.join(JUPYTER_HOME, "data"),
+                  JUPYTER_RUNTIME_DIR=os.path.join(JUPYTER_HOME, "runtime"),
+                  JUPYTER_PATH=os.path.join(JUPYTER_HOME, "data"))
+subprocess.run([sys.executable, KERNEL, "install", "--user"], check=True, capture_output=True)
+
+
+################ Helpers
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    "A minikernel started by jupyter_client, shared by a module's tests: (manager, client)."
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT)
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+@pytest.fixture()
+def fresh_kernel():
+    "A minikernel of the test's own, for tests that interrupt, restart or kill it."
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT)
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def run(kc, code: str, stdin=(), timeout=TIMEOUT, **kw):
+    "Execute code; return the reply content and its iopub messages as [(msg_type, content)]."
+    outputs, answers = [], iter(stdin)
+    reply = kc.execute_interactive(
+        code, timeout=timeout, output_hook=outputs.append, allow_stdin=True,
+        stdin_hook=lambda msg: kc.input(next(answers)), **kw)
+    return reply["content"], [(m["msg_type"], m["content"]) for m in outputs]
+
+
+def text(outputs, name="stdout") -> str:
+    "All the stream text of one stream among the outputs."
+    return "".join(c["text"] for t, c in outputs if t == "stream" and c["name"] == name)
+
+
+def connection(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def start_raw(tmp_path, key="secret-key", extra_args=(), env=None):
+    "A minikernel started by hand with a connection file we wrote: (process, connection)."
+    path = str(tmp_path / f"kernel-{uuid.uuid4()}.json")
+    ports = {f"{c}_port": free_port() for c in ("shell", "iopub", "stdin", "control", "hb")}
+    conn = {**ports, "ip": "127.0.0.1", "key": key, "transport": "tcp",
+            "signature_scheme": "hmac-sha256", "kernel_name": "minikernel"}
+    with open(path, "w") as f:
+        json.dump(conn, f)
+    proc = subprocess.Popen([sys.executable, KERNEL, "-f", path, *extra_args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, {**conn, "path": path}
+
+
+def free_port() -> int:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.close()
+    return port
+
+
+class Raw:
+    "A bare pyzmq client, signed by jupyter_client's Session: the reference wire format."
+
+    def __init__(self, conn: dict, key=None):
+        self.ctx = zmq.Context()
+        self.session = Session(key=(conn["key"] if key is None else key).encode())
+        self.shell = self.connect(conn, "shell", zmq.DEALER)
+        self.control = self.connect(conn, "control", zmq.DEALER)
+        self.iopub = self.connect(conn, "iopub", zmq.SUB)
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+
+    def connect(self, conn, channel, kind):
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.connect(f"tcp://{conn['ip']}:{conn[channel + '_port']}")
+        return sock
+
+    def frames(self, msg_type: str, content: dict) -> list:
+        return self.session.serialize(self.session.msg(msg_type, content))
+
+    def request(self, msg_type: str, content: dict, sock=None, timeout=TIMEOUT) -> dict:
+        "Send a signed request and wait for its reply."
+        sock = sock or self.shell
+        sock.send_multipart(self.frames(msg_type, content))
+        return self.recv(sock, timeout)
+
+    def recv(self, sock, timeout=TIMEOUT) -> dict:
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError("no reply")
+        _, frames = self.session.feed_identities(sock.recv_multipart())
+        return self.session.deserialize(frames)
+
+    def close(self):
+        self.ctx.destroy(linger=0)
+
+
+def wait_ready(raw: Raw, timeout=TIMEOUT) -> dict:
+    "Nudge with kernel_info_request until the kernel answers."
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw.shell.send_multipart(raw.frames("kernel_info_request", {}))
+        if raw.shell.poll(200):
+            return raw.recv(raw.shell)
+    raise TimeoutError("kernel never answered kernel_info_request")
+
+
+################ Conformance: jupyter_kernel_test's own checks
+
+
+class TestKernelConformance(jupyter_kernel_test.KernelTests):
+    kernel_name = "minikernel"
+    language_name = "python"
+    file_extension = ".py"
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('oops', file=sys.stderr)"
+    completion_samples = [{"text": "zi", "matches": {"zip"}},
+                          {"text": "import o", "matches": {"object", "oct", "open", "or", "ord"}}]
+    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n"]
+    incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2", "for i in range(3):"]
+    invalid_code_samples = ["import = 7q", "x = )"]
+    code_page_something = "zip?"
+    code_generate_error = "raise ValueError('boom')"
+    code_execute_result = [{"code": "1+2+3", "result": "6"},
+                           {"code": "[n*n for n in range(1, 4)]", "result": "[1, 4, 9]"}]
+    code_display_data = [
+        {"code": "class P:\n    def _repr_png_(self): return b'\\x89PNG'\ndisplay(P())",
+         "mime": "image/png"},
+        {"code": "class H:\n    def _repr_html_(self): return '<b>hi</b>'\ndisplay(H())",
+         "mime": "text/html"}]
+    code_history_pattern = "1?2*"
+    supported_history_operations = ("tail", "range", "search")
+    code_inspect_sample = "zip"
+    code_clear_output = "clear_output()"
+
+
+class TestIopubWelcome(jupyter_kernel_test.IopubWelcomeTests):
+    kernel_name = "minikernel"
+    support_iopub_welcome = True
+
+
+################ Execution: REPL semantics
+
+
+def test_last_expression_is_the_result_and_underscore_keeps_it(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "x = 6 * 7\nx")
+    assert reply["status"] == "ok"
+    results = [c for t, c in outputs if t == "execute_result"]
+    assert [r["data"]["text/plain"] for r in results] == ["42"]
+    assert results[0]["execution_count"] == reply["execution_count"]
+    _, outputs = run(kc, "_ + 1")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["43"]
+    _, outputs = run(kc, "None")
+    assert not [t for t, c in outputs if t == "execute_result"]
+
+
+def test_namespace_is_main_and_persists(kernel):
+    _, kc = kernel
+    run(kc, "class Point:\n    pass\np = Point()")
+    reply, outputs = run(kc, "import pickle\nprint(__name__, type(pickle.loads(pickle.dumps(p))))")
+    assert reply["status"] == "ok"
+    assert text(outputs) == "__main__ <class '__main__.Point'>\n"
+
+
+def test_every_rich_repr_is_in_the_bundle(kernel):
+    _, kc = kernel
+    code = (
+        "class Rich:\n"
+        "    def __repr__(self): return 'Rich()'\n"
+        "    def _repr_html_(self): return '<b>r</b>'\n"
+        "    def _repr_markdown_(self): return '**r**'\n"
+        "    def _repr_svg_(self): return '<svg/>'\n"
+        "    def _repr_png_(self): return b'png'\n"
+        "    def _repr_jpeg_(self): return b'jpeg'\n"
+        "    def _repr_latex_(self): return '$r$'\n"
+        "    def _repr_json_(self): return {'r': 1}\n"
+        "    def _repr_mimebundle_(self, include=None, exclude=None):\n"
+        "        return {'text/x-custom': 'c'}\n"
+        "class Broken:\n"
+        "    def _repr_html_(self): raise RuntimeError('no')\n"
+        "Rich()")
+    reply, outputs = run(kc, code)
+    data = [c for t, c in outputs if t == "execute_result"][0]["data"]
+    assert data == {"text/plain": "Rich()", "text/html": "<b>r</b>", "text/markdown": "**r**",
+                    "image/svg+xml": "<svg/>", "image/png": "cG5n", "image/jpeg": "anBlZw==",
+                    "text/latex": "$r$", "application/json": {"r": 1}, "text/x-custom": "c"}
+    reply, outputs = run(kc, "Broken()")  # a broken rich repr falls back to text/plain
+    assert reply["status"] == "ok"
+    assert list([c for t, c in outputs if t == "execute_result"][0]["data"]) == ["text/plain"]
+
+
+def test_display_update_and_clear_output(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "display('a', 'b')\ndisplay(1, display_id='d')\n"
+                             "display(2, display_id='d', update=True)\nclear_output(wait=True)")
+    assert reply["status"] == "ok"
+    kinds = [(t, c.get("data", {}).get("text/plain"), c.get("transient")) for t, c in outputs
+             if t in ("display_data", "update_display_data")]
+    assert kinds == [("display_data", "'a'", {}), ("display_data", "'b'", {}),
+                     ("display_data", "1", {"display_id": "d"}),
+                     ("update_display_data", "2", {"display_id": "d"})]
+    assert ("clear_output", {"wait": True}) in outputs
+
+
+def test_execution_count_and_execute_input(kernel):
+    _, kc = kernel
+    first, outputs = run(kc, "1")
+    n = first["execution_count"]
+    assert ("execute_input", {"code": "1", "execution_count": n}) in outputs
+    silent, outputs = run(kc, "2", silent=True)
+    assert silent["execution_count"] == n  # silent: not counted, no execute_input, no result
+    assert [t for t, c in outputs if t in ("execute_input", "execute_result")] == []
+    unstored, _ = run(kc, "3", store_history=False)
+    assert unstored["execution_count"] == n
+    failed, _ = run(kc, "1/0")
+    assert failed["execution_count"] == n + 1  # an error still counts
+    nxt, _ = run(kc, "4")
+    assert nxt["execution_count"] == n + 2
+
+
+def test_order_busy_input_outputs_reply_idle(kernel):
+    _, kc = kernel
+    msg_id = kc.execute("print('one')\nimport sys; sys.stderr.write('two\\n')\n'three'")
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    seen = []
+    while not seen or seen[-1] != ("status", "idle"):
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["parent_header"].get("msg_id") == msg_id:
+            c = msg["content"]
+            seen.append((msg["msg_type"], c.get("execution_state") or c.get("text")
+                         or c.get("data", {}).get("text/plain") or c.get("code", "")[:5]))
+    assert seen == [("status", "busy"), ("execute_input", "print"), ("stream", "one\n"),
+                    ("stream", "two\n"), ("execute_result", "'three'"), ("status", "idle")]
+
+
+def test_user_expressions(kernel):
+    _, kc = kernel
+    run(kc, "y = 5")
+    reply, _ = run(kc, "pass", user_expressions={"double": "y * 2", "bad": "1/0"})
+    exprs = reply["user_expressions"]
+    assert exprs["double"] == {"status": "ok", "data": {"text/plain": "10"}, "metadata": {}}
+    assert exprs["bad"]["status"] == "error" and exprs["bad"]["ename"] == "ZeroDivisionError"
+
+
+def test_print_loop_arrives_exact_in_few_messages(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "for i in range(100000): print(i)", timeout=60)
+    assert reply["status"] == "ok"
+    streams = [c["text"] for t, c in outputs if t == "stream"]
+    assert "".join(streams) == "".join(f"{i}\n" for i in range(100000))
+    assert len(streams) <= 50
+
+
+def test_output_from_threads_reaches_iopub(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "import threading\n"
+                             "t = threading.Thread(target=lambda: print('from a thread'))\n"
+                             "t.start(); t.join()")
+    assert text(outputs) == "from a thread\n"
+    # A thread that prints after its cell has finished: the text still arrives.
+    run(kc, "import threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(0.5), print('late'))).start()")
+    deadline = time.monotonic() + 5
+    late = []
+    while time.monotonic() < deadline and not late:
+        msg = kc.get_iopub_msg(timeout=5)
+        late = [1 for _ in [0] if msg["msg_type"] == "stream" and "late" in msg["content"]["text"]]
+    assert late
+    assert run(kc, "1")[0]["status"] == "ok"
+
+
+################ Errors
+
+
+def test_error_traceback_shows_cell_lines_not_kernel_frames(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "def f():\n    return 1/0\nf()")
+    errors = [c for t, c in outputs if t == "error"]
+    assert len(errors) == 1 and not text(outputs, "stderr")
+    assert reply["status"] == "error" and reply["ename"] == "ZeroDivisionError"
+    assert reply["traceback"] == errors[0]["traceback"]
+    tb = "\n".join(reply["traceback"])
+    n = reply["execution_count"]
+    assert f"Cell In[{n}], line 3" in tb and f"Cell In[{n}], line 2" in tb
+    assert "return 1/0" in tb
+    assert "minikernel.py" not in tb
+
+
+def test_syntax_error_shows_its_caret(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "x = (1 +\n   2))")
+    assert reply["ename"] == "SyntaxError"
+    tb = "\n".join(reply["traceback"])
+    assert "^" in tb and "2))" in tb and "minikernel.py" not in tb
+
+
+def test_system_exit_does_not_kill_the_kernel(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "import sys; sys.exit(3)")
+    assert reply["status"] == "error" and reply["ename"] == "SystemExit"
+    reply, _ = run(kc, "exit()")
+    assert reply["ename"] == "SystemExit"
+    assert run(kc, "1 + 1")[0]["status"] == "ok"
+
+
+def test_stop_on_error_aborts_queued_cells(kernel):
+    _, kc = kernel
+    # The first cell sleeps so that the others are surely queued when it fails.
+    ids = [kc.execute("import time; time.sleep(0.3); 1/0"), kc.execute("aborted_ran = True"),
+           kc.execute("2", stop_on_error=False)]
+    replies = {}
+    while len(replies) < 3:
+        msg = kc.get_shell_msg(timeout=TIMEOUT)
+        replies[msg["parent_header"]["msg_id"]] = msg["content"]["status"]
+    assert [replies[i] for i in ids] == ["error", "aborted", "aborted"]
+    states = []
+    while states.count("idle") < 3:  # each aborted request still gets busy and idle
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["parent_header"].get("msg_id") in ids and msg["msg_type"] == "status":
+            states.append(msg["content"]["execution_state"])
+    assert states == ["busy", "idle"] * 3
+    reply, outputs = run(kc, "'aborted_ran' in dir()")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
+    # Without stop_on_error, the next cell runs.
+    ids = [kc.execute("import time; time.sleep(0.3); 1/0", stop_on_error=False), kc.execute("3")]
+    statuses = [kc.get_shell_msg(timeout=TIMEOUT)["content"]["status"] for _ in ids]
+    assert statuses == ["error", "ok"]
+
+
+################ stdin: input() through the frontend
+
+
+def test_input_and_getpass_are_answered_by_the_frontend(kernel):
+    _, kc = kernel
+    requests = []
+
+    def answer(msg):
+        requests.append(msg["content"])
+        kc.input({"Name? ": "Ada", "Password: ": "s3cret"}[msg["content"]["prompt"]])
+
+    outputs = []
+    reply = kc.execute_interactive(
+        "print('before')\nname = input('Name? ')\nimport getpass\npw = getpass.getpass()\n"
+        "print(name, len(pw))", timeout=TIMEOUT, stdin_hook=answer, output_hook=outputs.append)
+    assert reply["content"]["status"] == "ok"
+    assert requests == [{"prompt": "Name? ", "password": False},
+                        {"prompt": "Password: ", "password": True}]
+    assert "".join(m["content"].get("text", "") for m in outputs) == "before\nAda 6\n"
+
+
+def test_input_eof_raises_eoferror(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "input()", stdin=["\x04"])
+    assert reply["ename"] == "EOFError"
+
+
+def test_input_without_allow_stdin_fails_at_once(kernel):
+    _, kc = kernel
+    start = time.monotonic()
+    reply = kc.execute_interactive("input('x')", allow_stdin=False, timeout=TIMEOUT)["content"]
+    assert time.monotonic() - start < 5
+    assert reply["ename"] == "StdinNotImplementedError"
+    assert "allow_stdin" in reply["evalue"]
+
+
+def test_interrupt_while_waiting_for_input(fresh_kernel):
+    km, kc = fresh_kernel
+    msg_id = kc.execute("input('wait: ')", allow_stdin=True)
+    request = kc.get_stdin_msg(timeout=TIMEOUT)
+    assert request["content"]["prompt"] == "wait: "
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    kc.input("too late")  # a reply after the interrupt must not confuse the next input()
+    reply, _ = run(kc, "input()", stdin=["fresh"])
+    assert reply["status"] == "ok"
+
+
+################ Frontends sharing one kernel
+
+
+def test_two_clients_see_each_others_outputs_with_the_right_parent(kernel):
+    km, kc = kernel
+    other = BlockingKernelClient(connection_file=km.connection_file)  # its own session id
+    other.load_connection_file()
+    other.start_channels()
+    try:
+        other.wait_for_ready(timeout=TIMEOUT)
+        mine = kc.execute("shared = 'from one'\nprint(shared)")
+        kc.get_shell_msg(timeout=TIMEOUT)
+        seen = {}
+        while "stream" not in seen:
+            msg = other.get_iopub_msg(timeout=TIMEOUT)
+            if msg["parent_header"].get("msg_id") == mine:
+                seen[msg["msg_type"]] = msg
+        assert seen["stream"]["content"]["text"] == "from one\n"
+        assert seen["stream"]["parent_header"]["session"] == kc.session.session
+        theirs = other.execute("print(shared + ' read by two')")
+        other.get_shell_msg(timeout=TIMEOUT)
+        while True:
+            msg = kc.get_iopub_msg(timeout=TIMEOUT)
+            if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == theirs:
+                break
+        assert msg["content"]["text"] == "from one read by two\n"
+        assert msg["parent_header"]["session"] == other.session.session
+    finally:
+        other.stop_channels()
+
+
+def test_each_new_subscriber_gets_its_own_welcome(kernel):
+    km, _ = kernel
+    conn = km.get_connection_info()
+    raws = [Raw({**conn, "key": conn["key"].decode()}) for _ in range(3)]
+    try:
+        for raw in raws:
+            msg = raw.recv(raw.iopub, timeout=5)
+            assert msg["msg_type"] == "iopub_welcome"
+            assert msg["content"] == {"subscription": ""}
+    finally:
+        for raw in raws:
+            raw.close()
+
+
+################ Control: interrupt, heartbeat, shutdown
+
+
+@pytest.mark.parametrize("how", ["message", "signal"])
+def test_interrupt_a_sleeping_cell(fresh_kernel, how):
+    km, kc = fresh_kernel
+    msg_id = kc.execute("import time; time.sleep(30)")
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    time.sleep(0.2)
+    start = time.monotonic()
+    if how == "message":
+        km.interrupt_kernel()  # the kernelspec says interrupt_mode: message
+    else:
+        os.kill(km.provisioner.process.pid, signal.SIGINT)
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert time.monotonic() - start < 2
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert "minikernel.py" not in "\n".join(reply["content"]["traceback"])
+    assert run(kc, "'still here'")[0]["status"] == "ok"
+
+
+def test_sigint_while_idle_is_harmless(fresh_kernel):
+    km, kc = fresh_kernel
+    for _ in range(20):
+        os.kill(km.provisioner.process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert km.is_alive()
+    assert run(kc, "1")[0]["status"] == "ok"
+
+
+def gil_bound_cell(seconds: float) -> str:
+    "Code that holds the GIL in one C call for about this long."
+    n = 10**7
+    start = time.perf_counter()
+    sum(range(n))
+    return f"sum(range({int(n * seconds / (time.perf_counter() - start))}))"
+
+
+def test_heartbeat_answers_while_user_code_holds_the_gil(fresh_kernel):
+    km, kc = fresh_kernel
+    hb_addr = f"tcp://127.0.0.1:{km.get_connection_info()['hb_port']}"
+    ctx = zmq.Context()
+    kc.execute(gil_bound_cell(3))
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    start, pongs = time.monotonic(), 0
+    while time.monotonic() - start < 2:
+        req = ctx.socket(zmq.REQ)
+        req.linger = 0
+        req.connect(hb_addr)
+        req.send(b"ping")
+        assert req.poll(1000), "no heartbeat within 1 s while the cell runs"
+        assert req.recv() == b"ping"
+        pongs += 1
+        req.close()
+        time.sleep(0.2)
+    ctx.destroy()
+    assert pongs >= 5
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+
+
+def test_control_answers_while_shell_is_busy(fresh_kernel):
+    _, kc = fresh_kernel
+    kc.execute("import time; time.sleep(3)")
+    time.sleep(0.3)
+    start = time.monotonic()
+    kc.control_channel.send(kc.session.msg("kernel_info_request"))
+    reply = kc.control_channel.get_msg(timeout=TIMEOUT)
+    assert reply["msg_type"] == "kernel_info_reply"
+    assert time.monotonic() - start < 1
+
+
+def test_shutdown_and_restart(fresh_kernel):
+    km, kc = fresh_kernel
+    run(kc, "before_restart = 1")
+    pid = km.provisioner.process.pid
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=TIMEOUT)
+    assert km.provisioner.process.pid != pid
+    reply, outputs = run(kc, "'before_restart' in dir()")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
+    # shutdown_reply echoes the restart flag, then the process exits promptly.
+    kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": True}))
+    reply = kc.control_channel.get_msg(timeout=TIMEOUT)
+    assert reply["content"] == {"status": "ok", "restart": True}
+    process = km.provisioner.process
+    start = time.monotonic()
+    process.wait(timeout=5)
+    assert time.monotonic() - start < 1
+
+
+def test_shutdown_during_a_running_cell_exits_within_2s(fresh_kernel):
+    km, kc = fresh_kernel
+    kc.execute("import time\nwhile True:\n    try:\n        time.sleep(10)\n"
+               "    except BaseException:\n        pass")
+    time.sleep(0.3)
+    kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+    assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    start = time.monotonic()
+    km.provisioner.process.wait(timeout=5)
+    assert time.monotonic() - start < 2
+
+
+################ The project's ground
+
+
+def readme_commands() -> list:
+    "The shell commands in the README's code blocks, in order."
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    run_kernel, run_tests = readme_commands()[:2]
+    assert run_kernel.endswith("python minikernel.py")
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = f.read()
+    assert "pytest" in run_tests
+    assert run_tests in ci.splitlines()
