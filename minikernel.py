@@ -61,8 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 kernel = {
     "sockets": {},  # name -> zmq socket; each is used by one thread only (iopub: see its lock)
     "session": None,  # signing state, from the connection file's key (see Wire format)
-    "connection": {},  # the connection file's dict, and its path
-    "connection_file": "",
+    "connection": {},  # the connection file's dict
+    "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
     "execution_count": 1,  # the N of the next In[N]
     "history": [],  # [(N, code, text/plain of Out[N] or None)]
@@ -70,6 +70,7 @@ kernel = {
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
+    "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 
@@ -77,6 +78,7 @@ user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, a
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+
 
 ################ Connection file: where a frontend finds the kernel
 
@@ -139,6 +141,7 @@ def write_connection_file(path: str, conn: dict):
     with os.fdopen(fd, "w") as f:
         json.dump(conn, f, indent=2)
     os.chmod(path, 0o600)  # in case the file was there before, with looser permissions
+
 
 ################ Wire format: one message, many frames
 
@@ -212,6 +215,7 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header has no msg_type")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
 
 ################ Heartbeat: proof of life
 
@@ -366,6 +370,7 @@ def clear_output(wait: bool = False):
     "Clear this cell's output now, or (wait=True) just before the next output arrives."
     publish("clear_output", {"wait": wait}, kernel["parent"]["header"])
 
+
 ################ stdin: input() answered by a frontend
 
 # The kernel has no keyboard. When user code calls input(), the kernel sends input_request on
@@ -392,7 +397,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
     while True:
         try:
-            reply = from_frames(session, stdin.recv_multipart())  # Ctrl-C raises here, as it should
+            reply = from_frames(session, recv_interruptibly(stdin))  # Ctrl-C raises here
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
@@ -412,6 +417,7 @@ def user_input(prompt: object = "") -> str:
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
     "getpass.getpass, for user code: the frontend hides what is typed."
     return input_request(prompt, password=True)
+
 
 ################ Running a cell: REPL semantics
 
@@ -466,7 +472,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         kernel["running"] = False
 
 
-CELL_FRAME = re.compile(r'File "(Cell In\[\d+\])", line')  # shown as: Cell In[3], line 2
+CELL_FRAME = re.compile(r'File "<(Cell In\[\d+\])>", line')  # shown as: Cell In[3], line 2
 
 
 class UsageError(Exception):
@@ -494,6 +500,7 @@ def hide_kernel_frames(te: traceback.TracebackException):
         if chained is not None:
             hide_kernel_frames(chained)
 
+
 ################ Shell handlers: one request in, one reply out
 
 # Each handler takes a request and returns its reply's content, built right there; dispatch()
@@ -516,7 +523,7 @@ def execute_request(msg: dict) -> dict:
     if not silent:
         publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
     kernel["payload"] = []
-    error, result = run_cell(code, f"Cell In[{n}]", silent)
+    error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source with no file
     if store:
         kernel["history"].append((n, code, result))
         kernel["execution_count"] += 1
@@ -727,10 +734,11 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
-        dispatch("shell", shell, shell.recv_multipart(), SHELL_HANDLERS)
+        dispatch("shell", shell, recv_interruptibly(shell), SHELL_HANDLERS)
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
+
 
 ################ Control: shutdown and interrupt, even while a cell runs
 
@@ -744,6 +752,16 @@ def on_sigint(signum, frame):
         raise SystemExit(0)
     if kernel["running"]:  # idle, it is ignored: jupyter_client sends one before every shutdown
         raise KeyboardInterrupt
+
+
+def recv_interruptibly(sock: zmq.Socket) -> list:
+    "Wait for a message in the main thread, waking for any signal so its handler runs at once."
+    while True:  # a signal that lands just before a blocking recv would go unnoticed until the
+        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])  # next message, so each
+        if kernel["wakeup"] in readable:  # one also writes a byte to the wakeup pipe
+            os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
+        if sock in readable:
+            return sock.recv_multipart()
 
 
 def leave(reason: str):
@@ -865,6 +883,7 @@ def pinfo(arg: str, detail: int = 0):
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
           "pinfo2": lambda arg: pinfo(arg, detail=1)}
 
+
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
@@ -932,6 +951,9 @@ def serve(path: Optional[str], ip: str):
                          __magic__=magic)
     sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
     builtins.input, getpass.getpass = user_input, user_getpass
+    kernel["wakeup"], wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    signal.set_wakeup_fd(wakeup_w)  # every signal also writes a byte here: see recv_interruptibly
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
 
@@ -939,8 +961,12 @@ def serve(path: Optional[str], ip: str):
                (iopub_ticker, sockets["iopub"])]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent,))
+    # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
+    # SIGTERM blocked, none of them can take a signal meant for the main thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     for target, *args in threads:
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
     if kernel["wrote_file"]:
         print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"

@@ -8,6 +8,7 @@ Everything runs in a temporary Jupyter runtime and data dir, never the user's ow
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import jupyter_kernel_test
 import pytest
 import zmq
 from jupyter_client.blocking import BlockingKernelClient
-from jupyter_client.manager import start_new_kernel
+from jupyter_client.manager import KernelManager, start_new_kernel
 from jupyter_client.session import Session
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,14 +133,27 @@ class Raw:
         self.ctx.destroy(linger=0)
 
 
-def wait_ready(raw: Raw, timeout=TIMEOUT) -> dict:
+def wait_ready(raw: Raw, proc=None, timeout=TIMEOUT) -> dict:
     "Nudge with kernel_info_request until the kernel answers."
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the kernel died at startup: {proc.communicate()}")
         raw.shell.send_multipart(raw.frames("kernel_info_request", {}))
         if raw.shell.poll(200):
             return raw.recv(raw.shell)
     raise TimeoutError("kernel never answered kernel_info_request")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    "Stop a kernel we started (SIGTERM, then SIGKILL) and return its stderr."
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=5)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 ################ Conformance: jupyter_kernel_test's own checks
@@ -566,6 +580,452 @@ def test_shutdown_during_a_running_cell_exits_within_2s(fresh_kernel):
     assert time.monotonic() - start < 2
 
 
+
+################ The seed's magics
+
+
+def test_connect_info_shows_this_kernels_ports_and_key(kernel):
+    km, kc = kernel
+    reply, outputs = run(kc, "%connect_info")
+    assert reply["status"] == "ok"
+    out = text(outputs)
+    shown = json.loads(out[: out.index("\n}\n") + 2])
+    info = km.get_connection_info()
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "ip"):
+        assert shown[name] == info[name]
+    assert shown["key"] == info["key"].decode()
+    assert f"python miniconsole.py --existing {km.connection_file}" in out
+    assert f"jupyter console --existing {km.connection_file}" in out
+
+
+def test_debug_post_mortem_through_stdin(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "def f():\n    x = 42\n    return x / 0\nf()")
+    assert reply["ename"] == "ZeroDivisionError"
+    prompts = []
+
+    def answer(msg):
+        prompts.append(msg["content"]["prompt"])
+        kc.input(["p x", "q"][len(prompts) - 1])
+
+    outputs = []
+    reply = kc.execute_interactive("%debug", timeout=TIMEOUT, stdin_hook=answer,
+                                   output_hook=outputs.append)["content"]
+    assert reply["status"] == "ok"
+    assert prompts == ["(Pdb) ", "(Pdb) "]
+    out = "".join(m["content"].get("text", "") for m in outputs)
+    assert "return x / 0" in out and "42\n" in out
+
+
+def test_breakpoint_talks_through_stdin(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "def g():\n    y = 'seen'\n    breakpoint()\n    return y\ng()",
+                         stdin=["p y", "c"])
+    assert reply["status"] == "ok"
+    assert "'seen'" in text(outputs)
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["'seen'"]
+
+
+def test_debug_without_an_exception_says_so(fresh_kernel):
+    _, kc = fresh_kernel
+    reply, _ = run(kc, "%debug")
+    assert reply["ename"] == "UsageError" and "no exception" in reply["evalue"]
+
+
+def test_help_comes_back_as_a_page_payload(kernel):
+    _, kc = kernel
+    run(kc, "def area(w: float, h: float = 1.0) -> float:\n    'Width times height.'\n"
+            "    return w * h")
+    reply, outputs = run(kc, "area?")
+    assert [t for t, c in outputs if t == "stream"] == []
+    [page] = reply["payload"]
+    assert page["source"] == "page" and page["start"] == 0
+    help_text = page["data"]["text/plain"]
+    assert "area(w: float, h: float = 1.0) -> float" in help_text
+    assert "Width times height." in help_text and "return w * h" not in help_text
+    reply, _ = run(kc, "area??")
+    assert "return w * h" in reply["payload"][0]["data"]["text/plain"]
+    reply, _ = run(kc, "no_such_thing?")
+    assert "not found" in reply["payload"][0]["data"]["text/plain"]
+
+
+def test_console_magic_prints_the_command_when_there_is_no_window(kernel):
+    km, kc = kernel
+    reply, outputs = run(kc, "import os; os.environ.pop('TMUX', None); "
+                             "os.environ.pop('DISPLAY', None)\n%console")
+    assert reply["status"] == "ok"
+    assert f"miniconsole.py --existing {km.connection_file}" in text(outputs)
+
+
+def test_console_magic_opens_a_tmux_window(kernel, tmp_path):
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    km, kc = kernel
+    sock = str(tmp_path / "tmux.sock")
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-s", "t", "sleep 60"], check=True)
+    try:
+        reply, outputs = run(kc, f"import os; os.environ['TMUX'] = '{sock},1,0'\n%console")
+        assert reply["status"] == "ok"
+        assert "tmux window" in text(outputs)
+        windows = subprocess.run(
+            ["tmux", "-S", sock, "list-windows", "-F", "#{pane_start_command}"],
+            capture_output=True, text=True).stdout
+        assert f"--existing {km.connection_file}" in windows
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
+        run(kc, "import os; os.environ.pop('TMUX', None)")
+
+
+def test_unknown_magic_lists_the_magics(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "%nosuchmagic 1 2")
+    assert reply["ename"] == "UsageError"
+    assert reply["traceback"] == [f"UsageError: {reply['evalue']}"]
+    for name in ("%connect_info", "%console", "%debug"):
+        assert name in reply["evalue"]
+
+
+################ Shell requests besides execute
+
+
+def test_complete_names_attributes_and_keywords(kernel):
+    _, kc = kernel
+    run(kc, "import os\nmy_variable = 1")
+    content = kc.complete("x = my_v", 8, reply=True, timeout=TIMEOUT)["content"]
+    assert content["matches"] == ["my_variable"]
+    assert (content["cursor_start"], content["cursor_end"]) == (4, 8)
+    content = kc.complete("os.path.jo", reply=True, timeout=TIMEOUT)["content"]
+    assert content["matches"] == ["join"] and content["cursor_start"] == 8
+    assert "while" in kc.complete("whi", reply=True, timeout=TIMEOUT)["content"]["matches"]
+    run(kc, "é = 1")
+    content = kc.complete("x = é.re", reply=True, timeout=TIMEOUT)["content"]
+    assert content["matches"] == ["real"] and content["cursor_start"] == 6  # code points
+
+
+def test_inspect_signature_docstring_and_source(kernel):
+    _, kc = kernel
+    run(kc, "def scale(v, k=2):\n    'Multiply v by k.'\n    return v * k")
+    content = kc.inspect("scale(", 6, reply=True, timeout=TIMEOUT)["content"]
+    assert content["found"]
+    assert "scale(v, k=2)" in content["data"]["text/plain"]
+    assert "Multiply v by k." in content["data"]["text/plain"]
+    content = kc.inspect("scale", 2, detail_level=1, reply=True, timeout=TIMEOUT)["content"]
+    assert "return v * k" in content["data"]["text/plain"]
+    assert not kc.inspect("nope", 4, reply=True, timeout=TIMEOUT)["content"]["found"]
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("x = 1", {"status": "complete"}),
+    ("for i in range(3):", {"status": "incomplete", "indent": "    "}),
+    ("for i in range(3):\n    print(i)", {"status": "incomplete", "indent": "    "}),
+    ("for i in range(3):\n    print(i)\n", {"status": "complete"}),
+    ("d = {'a': 1,", {"status": "incomplete", "indent": ""}),
+    ("x = )", {"status": "invalid"}),
+    ("%connect_info", {"status": "complete"}),
+    ("len?", {"status": "complete"}),
+])
+def test_is_complete(kernel, code, expected):
+    _, kc = kernel
+    kc.is_complete(code)
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
+
+
+def test_history_tail_range_and_search(fresh_kernel):
+    _, kc = fresh_kernel
+    for code in ("a = 1", "a + 1", "b = 2", "a + 1"):
+        run(kc, code)
+    run(kc, "'not stored'", store_history=False)
+
+    def history(**kw):
+        kc.history(raw=True, **kw)
+        return kc.get_shell_msg(timeout=TIMEOUT)["content"]["history"]
+
+    assert history(hist_access_type="tail", n=2, output=False) == [[1, 3, "b = 2"], [1, 4, "a + 1"]]
+    assert history(hist_access_type="tail", n=1, output=True) == [[1, 4, ["a + 1", "2"]]]
+    assert history(hist_access_type="range", session=0, start=2, stop=4, output=False) == [
+        [1, 2, "a + 1"], [1, 3, "b = 2"]]
+    assert [h[1] for h in history(hist_access_type="search", pattern="a*", output=False)] == [
+        1, 2, 4]
+    assert history(hist_access_type="search", pattern="a +*", unique=True, output=False) == [
+        [1, 4, "a + 1"]]
+
+
+def test_comms_are_refused_politely(kernel):
+    _, kc = kernel
+    kc.comm_info()
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == {"status": "ok", "comms": {}}
+    msg = kc.session.msg("comm_open", {"comm_id": "c1", "target_name": "nope", "data": {}})
+    kc.shell_channel.send(msg)
+    while True:
+        reply = kc.get_iopub_msg(timeout=TIMEOUT)
+        if reply["msg_type"] == "comm_close":
+            break
+    assert reply["content"]["comm_id"] == "c1"
+    assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+
+
+################ Bad input: dropped, never executed, the kernel keeps serving
+
+
+@pytest.fixture()
+def raw_kernel(tmp_path):
+    "A kernel with a known key, its stderr readable: (process, connection, marker file path)."
+    proc, conn = start_raw(tmp_path)
+    raw = Raw(conn)
+    try:
+        wait_ready(raw, proc)
+        yield proc, conn, raw, str(tmp_path / "executed")
+    finally:
+        raw.close()
+        if proc.poll() is None:
+            stop(proc)
+
+
+def marker_code(path: str) -> str:
+    return f"open({path!r}, 'a').write('x')"
+
+
+def test_unsigned_forged_and_replayed_messages_never_run(raw_kernel):
+    proc, conn, raw, marker = raw_kernel
+    attacks = {
+        "unsigned": Raw(conn, key=""),
+        "wrong key": Raw(conn, key="another-connection-files-key"),
+    }
+    for client in attacks.values():
+        client.shell.send_multipart(client.frames("execute_request", {"code": marker_code(marker)}))
+    # A genuine request, captured and sent again: the replay must be refused.
+    genuine = raw.frames("execute_request", {"code": marker_code(marker), "silent": False})
+    raw.shell.send_multipart(genuine)
+    assert raw.recv(raw.shell)["content"]["status"] == "ok"
+    raw.shell.send_multipart(genuine)
+    reply = raw.request("execute_request", {"code": "1"})
+    assert reply["content"]["status"] == "ok"
+    with open(marker) as f:
+        assert f.read() == "x"  # once: only the genuine request ran
+    for client in attacks.values():
+        client.close()
+    log = stop(proc)
+    assert log.count("unsigned message") == 1
+    assert log.count("bad signature") == 1
+    assert log.count("replayed message") == 1
+    assert conn["key"] not in log
+
+
+@pytest.mark.parametrize("frames", [
+    [b"garbage"],
+    [b"<IDS|MSG>"],
+    [b"<IDS|MSG>", b"sig", b"{}", b"{}"],
+    [b"id", b"no delimiter", b"{}", b"{}", b"{}", b"{}"],
+])
+def test_malformed_frames_are_dropped(raw_kernel, frames):
+    proc, _, raw, _ = raw_kernel
+    for sock in (raw.shell, raw.control):
+        sock.send_multipart(frames)
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+    assert raw.request("kernel_info_request", {}, sock=raw.control)["content"]["status"] == "ok"
+    assert proc.poll() is None
+
+
+def signed(raw: Raw, parts: list) -> list:
+    "Frames with a valid signature over whatever four parts we like."
+    return [b"<IDS|MSG>", raw.session.sign(parts), *parts]
+
+
+@pytest.mark.parametrize("parts", [
+    [b"not json", b"{}", b"{}", b"{}"],
+    [b"\xff\xfe", b"{}", b"{}", b"{}"],
+    [b"[]", b"{}", b"{}", b"{}"],
+    [b'{"msg_id": "1"}', b"{}", b"{}", b"{}"],
+    [b'{"msg_id": "1", "msg_type": 7}', b"{}", b"{}", b"{}"],
+])
+def test_signed_but_malformed_messages_are_dropped(raw_kernel, parts):
+    proc, _, raw, _ = raw_kernel
+    raw.shell.send_multipart(signed(raw, parts))
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("msg_type, content", [
+    ("execute_request", {"code": 12}),
+    ("execute_request", {}),
+    ("complete_request", {"code": "abc", "cursor_pos": 99}),
+    ("inspect_request", {"code": None}),
+    ("history_request", {"hist_access_type": "sideways"}),
+    ("is_complete_request", {"code": ["x"]}),
+])
+def test_signed_nonsense_gets_an_error_reply(raw_kernel, msg_type, content):
+    proc, _, raw, _ = raw_kernel
+    reply = raw.request(msg_type, content)
+    assert reply["msg_type"] == msg_type.replace("_request", "_reply")
+    assert reply["content"]["status"] == "error"
+    assert raw.request("execute_request", {"code": "1"})["content"]["status"] == "ok"
+
+
+def test_unknown_msg_type_is_logged_not_fatal(raw_kernel):
+    proc, _, raw, _ = raw_kernel
+    raw.shell.send_multipart(raw.frames("frobnicate_request", {}))
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+    assert "unknown msg_type 'frobnicate_request'" in stop(proc)
+
+
+
+################ Starting the kernel
+
+
+def test_no_arguments_writes_a_private_connection_file_and_removes_it(tmp_path):
+    runtime = tmp_path / "new" / "runtime"  # missing: the kernel creates it, private
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    proc = subprocess.Popen([sys.executable, KERNEL], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = "".join(proc.stdout.readline() for _ in range(6))
+        [path] = runtime.glob("kernel-*.json")
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert oct(runtime.stat().st_mode & 0o777) == "0o700"
+        assert str(path) in banner
+        assert "python miniconsole.py --existing" in banner
+        assert f"jupyter console --existing {path}" in banner
+        conn = connection(str(path))
+        assert conn["ip"] == "127.0.0.1" and len(conn["key"]) >= 32
+        raw = Raw(conn)
+        wait_ready(raw, proc)
+        assert raw.request("shutdown_request", {"restart": False}, sock=raw.control)["content"][
+            "status"] == "ok"
+        raw.close()
+        assert proc.wait(timeout=5) == 0
+        assert not path.exists()
+        assert conn["key"] not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
+def test_f_with_a_missing_file_writes_it_there(tmp_path):
+    path = tmp_path / "mine.json"
+    proc = subprocess.Popen([sys.executable, KERNEL, "-f", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert str(path) in "".join(proc.stdout.readline() for _ in range(6))
+        raw = Raw(connection(str(path)))
+        assert wait_ready(raw, proc)["content"]["implementation"] == "minikernel"
+        raw.close()
+    finally:
+        stop(proc)
+    assert proc.returncode == 0  # SIGTERM is a clean exit
+    assert not path.exists()
+
+
+def test_f_with_an_existing_file_binds_exactly_that(tmp_path):
+    proc, conn = start_raw(tmp_path)
+    try:
+        raw = Raw(conn)
+        wait_ready(raw, proc)
+        reply = raw.request("execute_request", {"code": "%connect_info"})
+        assert reply["content"]["status"] == "ok"
+        raw.close()
+    finally:
+        stop(proc)
+    assert os.path.exists(conn["path"])  # not ours to remove: whoever wrote it cleans up
+
+
+def test_empty_key_means_unsigned_with_a_warning(tmp_path):
+    proc, conn = start_raw(tmp_path, key="")
+    try:
+        raw = Raw(conn)
+        assert raw.session.sign([b"x"]) == b""
+        wait_ready(raw, proc)
+        assert raw.request("execute_request", {"code": "1"})["content"]["status"] == "ok"
+        raw.close()
+    finally:
+        err = stop(proc)
+    assert "empty key" in err
+
+
+def test_non_loopback_ip_warns(tmp_path):
+    path = tmp_path / "k.json"
+    proc = subprocess.Popen([sys.executable, KERNEL, "-f", str(path), "--ip", "0.0.0.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        warning = proc.stderr.readline()
+        assert "0.0.0.0" in warning and "not loopback" in warning
+    finally:
+        stop(proc)
+
+
+def test_ipc_transport(tmp_path):
+    km = KernelManager(kernel_name="minikernel", transport="ipc", ip=str(tmp_path / "k"))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        assert km.get_connection_info()["transport"] == "ipc"
+        assert run(kc, "6 * 7")[1][-2][1]["data"]["text/plain"] == "42"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_kernel_exits_when_its_launcher_dies(tmp_path):
+    path = tmp_path / "k.json"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time\n"
+         "env = {**os.environ, 'JPY_PARENT_PID': str(os.getpid())}\n"
+         f"p = subprocess.Popen([sys.executable, {KERNEL!r}, '-f', {str(path)!r}], env=env,\n"
+         "                      stdout=subprocess.DEVNULL)\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    pid = int(launcher.stdout.readline())
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the kernel outlived its launcher by 5 s")
+
+
+def test_help_explains_every_mode():
+    out = subprocess.run([sys.executable, KERNEL, "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for mode in ("python minikernel.py ", "-f FILE", "--ip ADDR", "install", "--user",
+                 "--sys-prefix", "--prefix DIR", "--name NAME", "miniconsole.py --existing"):
+        assert mode in out
+
+
+def test_install_writes_a_kernelspec_jupyter_can_launch(tmp_path):
+    subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path), "--name",
+                    "mk-test"], check=True, capture_output=True)
+    spec_file = tmp_path / "share" / "jupyter" / "kernels" / "mk-test" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    assert spec["argv"] == [sys.executable, KERNEL, "-f", "{connection_file}"]
+    assert spec["language"] == "python" and spec["interrupt_mode"] == "message"
+    env_path = os.environ["JUPYTER_PATH"]
+    os.environ["JUPYTER_PATH"] = str(tmp_path / "share" / "jupyter")
+    try:
+        km, kc = start_new_kernel(kernel_name="mk-test", startup_timeout=TIMEOUT)
+        assert run(kc, "1")[0]["status"] == "ok"
+        kc.stop_channels()
+        km.shutdown_kernel()
+    finally:
+        os.environ["JUPYTER_PATH"] = env_path
+
+
+def test_pep723_metadata_declares_pyzmq():
+    with open(KERNEL) as f:
+        head = f.read(400)
+    block = re.search(r"# /// script\n(.*?)# ///", head, re.S).group(1)
+    assert 'dependencies = ["pyzmq"]' in block
+
+
 ################ The project's ground
 
 
@@ -574,6 +1034,16 @@ def readme_commands() -> list:
     with open(os.path.join(HERE, "README.md")) as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
     return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_benchmark_smoke_run():
+    "bench/compare.py runs end to end on minikernel and the floor; no timing is asserted."
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "compare.py"), "--quick",
+                        "--reps", "1", "--kernels", "minikernel,floor"],
+                       capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr
+    assert "| row | minikernel | floor |" in r.stdout
+    assert "**no**" not in r.stdout  # every output arrived, exact
 
 
 def test_ci_runs_the_readme_test_command():
