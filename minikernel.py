@@ -42,7 +42,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import types
 import uuid
 from collections import deque
@@ -425,9 +424,11 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 # if the last one is an expression, its value is shown (execute_result) and kept as `_`.
 # Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
 # __magic__ before compiling, line for line, so tracebacks still point at the right line.
+# A bare `exit` or `quit` means exit(), as in IPython.
 
 MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
 HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
+EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
 
 
 def transform(code: str) -> str:
@@ -439,6 +440,8 @@ def transform(code: str) -> str:
         if m := HELP_LINE.match(text):
             indent, name, marks = m.groups()
             return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
+        if m := EXIT_LINE.match(text):
+            return f"{m.group(1)}{m.group(2)}()"
         return text
     return "\n".join(map(line, code.split("\n")))
 
@@ -448,7 +451,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
     kernel["running"] = True
     try:
-        tree = ast.parse(transform(code), name)
+        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         exec(compile(tree, name, "exec"), user.__dict__)
         if last is None:
@@ -487,14 +490,18 @@ def error_content(e: BaseException) -> dict:
     sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb or e.__traceback__
     if isinstance(e, UsageError):
         return {"ename": "UsageError", "evalue": str(e), "traceback": [f"UsageError: {e}"]}
+    import traceback  # imported on first use: only errors need it
+
     te = traceback.TracebackException(type(e), e, e.__traceback__)
     hide_kernel_frames(te)
     return {"ename": type(e).__name__, "evalue": str(e),
             "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
 
 
-def hide_kernel_frames(te: traceback.TracebackException):
+def hide_kernel_frames(te):
     "Drop this file's frames from a traceback (and the exceptions chained to it)."
+    import traceback
+
     te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != __file__])
     for chained in (te.__cause__, te.__context__):
         if chained is not None:
@@ -880,6 +887,11 @@ def pinfo(arg: str, detail: int = 0):
     kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
 
 
+def ask_exit(keep_kernel: bool = False):
+    "exit() and quit(): ask the frontend to close, and to stop the kernel unless keep_kernel."
+    kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
+
+
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
           "pinfo2": lambda arg: pinfo(arg, detail=1)}
 
@@ -948,7 +960,7 @@ def serve(path: Optional[str], ip: str):
     sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
-                         __magic__=magic)
+                         __magic__=magic, exit=ask_exit, quit=ask_exit)
     sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()

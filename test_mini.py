@@ -344,16 +344,25 @@ def test_syntax_error_shows_its_caret(kernel):
     reply, _ = run(kc, "x = (1 +\n   2))")
     assert reply["ename"] == "SyntaxError"
     tb = "\n".join(reply["traceback"])
-    assert "^" in tb and "2))" in tb and "minikernel.py" not in tb
+    assert "^" in tb and "2))" in tb
+    assert "Traceback" not in tb  # no frames at all: only the cell's line and its caret
 
 
 def test_system_exit_does_not_kill_the_kernel(kernel):
     _, kc = kernel
     reply, _ = run(kc, "import sys; sys.exit(3)")
     assert reply["status"] == "error" and reply["ename"] == "SystemExit"
-    reply, _ = run(kc, "exit()")
+    reply, _ = run(kc, "raise SystemExit")
     assert reply["ename"] == "SystemExit"
     assert run(kc, "1 + 1")[0]["status"] == "ok"
+
+
+def test_exit_asks_the_frontend_to_leave(kernel):
+    _, kc = kernel
+    for code, keep in [("exit", False), ("quit()", False), ("exit(keep_kernel=True)", True)]:
+        reply, _ = run(kc, code)
+        assert reply["payload"] == [{"source": "ask_exit", "keepkernel": keep}]
+    assert run(kc, "'still serving'")[0]["status"] == "ok"
 
 
 def test_stop_on_error_aborts_queued_cells(kernel):
@@ -1024,6 +1033,148 @@ def test_pep723_metadata_declares_pyzmq():
         head = f.read(400)
     block = re.search(r"# /// script\n(.*?)# ///", head, re.S).group(1)
     assert 'dependencies = ["pyzmq"]' in block
+
+
+
+################ jupyter console, the reference terminal frontend, driving minikernel
+
+
+def jupyter_console(*args):
+    "jupyter console under a pty, with the simple prompt pexpect can read."
+    import pexpect
+
+    console = pexpect.spawn(sys.executable, ["-m", "jupyter_console", "--simple-prompt", *args],
+                            encoding="utf-8", timeout=TIMEOUT, env={**os.environ, "TERM": "dumb"})
+    console.expect(r"In \[1\]: ")
+    return console
+
+
+def test_jupyter_console_launches_minikernel_by_kernelspec():
+    import pexpect
+
+    console = jupyter_console("--kernel", "minikernel")
+    try:
+        assert "minikernel" in console.before  # the kernel's banner
+        console.sendline("name = input('name? ')")
+        console.expect(r"name\? ")
+        console.sendline("Ada")
+        console.expect(r"In \[2\]: ")
+        console.sendline("print(name * 2)")
+        console.expect("AdaAda")
+        console.expect(r"In \[3\]: ")
+        console.sendline("6 * 7")
+        console.expect(r"Out\[3\]: 42")
+        console.sendline("len?")
+        console.expect("Return the number of items")
+        console.sendline("1/0")
+        console.expect("ZeroDivisionError")
+        console.sendline("exit")
+        console.expect(pexpect.EOF)
+    finally:
+        console.close(force=True)
+
+
+def test_jupyter_console_attaches_with_existing(tmp_path):
+    import pexpect
+
+    proc, conn = start_raw(tmp_path)
+    try:
+        raw = Raw(conn)
+        wait_ready(raw, proc)
+        raw.request("execute_request", {"code": "shared = 'set by another frontend'"})
+        console = jupyter_console("--existing", conn["path"])
+        console.sendline("print(shared)")
+        console.expect("set by another frontend")
+        console.sendline("%connect_info")
+        console.expect(str(conn["shell_port"]))
+        console.sendline("exit(keep_kernel=True)")  # as with ipykernel: leave, kernel stays
+        console.expect("keeping kernel alive")
+        console.expect(pexpect.EOF)
+        assert raw.request("execute_request", {"code": "1"})["content"]["status"] == "ok"
+        console = jupyter_console("--existing", conn["path"])
+        console.sendline("exit")  # as with ipykernel: a plain exit shuts the kernel down
+        console.expect("Shutting down kernel")
+        console.expect(pexpect.EOF)
+        assert proc.wait(timeout=5) == 0
+        raw.close()
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
+
+################ jupyter_server, the backend JupyterLab talks to kernels through
+
+
+def test_jupyter_server_runs_minikernel_over_its_websocket(tmp_path):
+    import asyncio
+    import urllib.request
+
+    from tornado.websocket import websocket_connect
+
+    port, token = free_port(), uuid.uuid4().hex
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", f"--port={port}", "--no-browser",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
+         "--allow-root"],  # CI runs as root
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"token {token}"}
+
+    def api(method, path, body=None):
+        request = urllib.request.Request(base + path, method=method, headers=auth,
+                                         data=json.dumps(body).encode() if body else None)
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return json.loads(response.read() or b"null")
+
+    async def execute(kernel_id, code):
+        ws = await websocket_connect(urllib.request.Request(  # what JupyterLab opens
+            f"ws://127.0.0.1:{port}/api/kernels/{kernel_id}/channels", headers=auth).full_url
+            + f"?token={token}")
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "channel": "shell", "buffers": [], "metadata": {}, "parent_header": {},
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "lab",
+                       "username": "test", "date": "", "version": "5.3"},
+            "content": {"code": code, "silent": False, "store_history": True,
+                        "user_expressions": {}, "allow_stdin": False}}))
+        seen = {}
+        while not (seen.get("reply") and seen.get("idle")):
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), TIMEOUT))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "execute_reply":
+                seen["reply"] = msg["content"]
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                seen["idle"] = True
+            elif msg["msg_type"] in ("stream", "execute_result"):
+                seen[msg["msg_type"]] = msg["content"]
+        ws.close()
+        return seen
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                api("GET", "/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "jupyter_server did not start"
+                time.sleep(0.2)
+        assert "minikernel" in api("GET", "/api/kernelspecs")["kernelspecs"]
+        kernel_id = api("POST", "/api/kernels", {"name": "minikernel"})["id"]
+        seen = asyncio.run(execute(kernel_id, "print('from the server'); 6 * 7"))
+        assert seen["reply"]["status"] == "ok"
+        assert seen["stream"]["text"] == "from the server\n"
+        assert seen["execute_result"]["data"]["text/plain"] == "42"
+        api("POST", f"/api/kernels/{kernel_id}/interrupt")
+        api("POST", f"/api/kernels/{kernel_id}/restart")
+        assert asyncio.run(execute(kernel_id, "6 * 7"))["execute_result"]["data"][
+            "text/plain"] == "42"
+        api("DELETE", f"/api/kernels/{kernel_id}")
+        assert api("GET", "/api/kernels") == []
+    finally:
+        server.terminate()
+        server.wait(timeout=TIMEOUT)
 
 
 ################ The project's ground
