@@ -17,11 +17,15 @@ import time
 import uuid
 
 import jupyter_kernel_test
+import pexpect
+import psutil
 import pytest
 import zmq
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from jupyter_client.session import Session
+
+import miniconsole
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL = os.path.join(HERE, "minikernel.py")
@@ -1041,8 +1045,6 @@ def test_pep723_metadata_declares_pyzmq():
 
 def jupyter_console(*args):
     "jupyter console under a pty, with the simple prompt pexpect can read."
-    import pexpect
-
     console = pexpect.spawn(sys.executable, ["-m", "jupyter_console", "--simple-prompt", *args],
                             encoding="utf-8", timeout=TIMEOUT, env={**os.environ, "TERM": "dumb"})
     console.expect(r"In \[1\]: ")
@@ -1050,8 +1052,6 @@ def jupyter_console(*args):
 
 
 def test_jupyter_console_launches_minikernel_by_kernelspec():
-    import pexpect
-
     console = jupyter_console("--kernel", "minikernel")
     try:
         assert "minikernel" in console.before  # the kernel's banner
@@ -1075,8 +1075,6 @@ def test_jupyter_console_launches_minikernel_by_kernelspec():
 
 
 def test_jupyter_console_attaches_with_existing(tmp_path):
-    import pexpect
-
     proc, conn = start_raw(tmp_path)
     try:
         raw = Raw(conn)
@@ -1175,6 +1173,487 @@ def test_jupyter_server_runs_minikernel_over_its_websocket(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=TIMEOUT)
+
+
+CONSOLE = os.path.join(HERE, "miniconsole.py")
+KERNELS = ["ipykernel", "minikernel"]
+PROMPT = r"In \[(\d+)\]: "
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+################ miniconsole: an isolated Jupyter environment, and kernels in it
+
+# Each console test runs against ipykernel and against minikernel: the console must not
+# depend on anything minikernel-specific.
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    "Environment for every process: runtime, data and IPython dirs in a temp dir, not in ~."
+    root = tmp_path_factory.mktemp("jupyter")
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+               JUPYTER_DATA_DIR=str(root / "data"), IPYTHONDIR=str(root / "ipython"),
+               PYDEVD_DISABLE_FILE_VALIDATION="1", TERM="xterm")
+    os.makedirs(env["JUPYTER_RUNTIME_DIR"])
+    return env
+
+
+class KernelProcess:
+    "A kernel process started by the tests, with the connection file it wrote."
+
+    def __init__(self, name: str, env: dict, path: str):
+        if name == "minikernel" and not os.path.exists(KERNEL):
+            pytest.skip("minikernel.py does not exist yet")
+        argv = ([sys.executable, "-m", "ipykernel_launcher"] if name == "ipykernel"
+                else [sys.executable, KERNEL])
+        self.name, self.path, self.log = name, path, path + ".log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([*argv, "-f", path], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log, start_new_session=True)
+        try:
+            self.client = console_client(path, self.proc)
+        except Exception as e:
+            self.stop()
+            with open(self.log) as f:
+                raise RuntimeError(f"{name} did not start: {e}; its log: {f.read()[-500:]}") from e
+
+    def alive(self) -> bool:
+        "The process runs and hb echoes."
+        return self.proc.poll() is None and self.client.heartbeat(timeout=2.0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if hasattr(self, "client"):
+            self.client.close()
+
+
+def console_client(path: str, proc, timeout: float = 20.0) -> miniconsole.Client:
+    "Wait for the connection file, then for the kernel to answer (miniconsole's own client)."
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                json.load(f)
+            break
+        except (OSError, ValueError):
+            if proc.poll() is not None:
+                raise RuntimeError(f"kernel exited with {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no connection file {path}") from None
+            time.sleep(0.05)
+    client = miniconsole.Client(path)
+    miniconsole.handshake(client, timeout=deadline - time.monotonic())
+    return client
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def any_kernel(request, env, tmp_path_factory):
+    "A kernel shared by the tests that do not kill it."
+    path = str(tmp_path_factory.mktemp(request.param) / "kernel-shared.json")
+    k = KernelProcess(request.param, env, path)
+    yield k
+    k.stop()
+
+
+@pytest.fixture(params=KERNELS)
+def any_own_kernel(request, env, tmp_path):
+    "A kernel for one test alone: that test may kill it."
+    k = KernelProcess(request.param, env, str(tmp_path / "kernel-own.json"))
+    yield k
+    k.stop()
+
+
+@pytest.fixture(params=KERNELS)
+def own_console(request, tmp_path):
+    "miniconsole.py with the kernel it starts beside it: minikernel.py, or ipykernel standing in."
+    if request.param == "minikernel":
+        if not os.path.exists(KERNEL):
+            pytest.skip("minikernel.py does not exist yet")
+        return CONSOLE
+    shutil.copy(CONSOLE, tmp_path / "miniconsole.py")
+    (tmp_path / "minikernel.py").write_text(
+        "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n")
+    return str(tmp_path / "miniconsole.py")
+
+
+def spawn_console(env, *args, timeout=15) -> pexpect.spawn:
+    "miniconsole on a pseudo-terminal, at its first prompt."
+    child = pexpect.spawn(sys.executable, [CONSOLE, *args], env=env, timeout=timeout,
+                          encoding="utf-8", dimensions=(50, 250))
+    child.expect(PROMPT)
+    return child
+
+
+def type_line(child, line: str) -> str:
+    "Type a line, wait for the next prompt, return what came between (no escape codes)."
+    child.sendline(line)
+    child.expect(PROMPT)
+    return ANSI.sub("", child.before)
+
+
+def leave(child, how: str = "exit") -> int:
+    "Leave the console with exit, quit or Ctrl-D; its exit status."
+    if how == "ctrl-d":
+        child.sendeof()
+    else:
+        child.sendline(how)
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def piped(env, text: str, *args, timeout=30) -> subprocess.CompletedProcess:
+    "miniconsole with stdin from a pipe."
+    return subprocess.run([sys.executable, CONSOLE, *args], input=text, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+################ miniconsole: interactive sessions
+
+
+def test_start_and_leave_own_kernel(own_console, env):
+    "Without --existing the console starts minikernel.py beside it, and shuts it down on exit."
+    child = pexpect.spawn(sys.executable, [own_console], env=env, timeout=20, encoding="utf-8",
+                          dimensions=(50, 250))
+    child.expect(r"\[connected to (\S+);")
+    path = child.match.group(1)
+    assert path.startswith(env["JUPYTER_RUNTIME_DIR"]) and os.path.exists(path)
+    assert "Python" in child.before  # the kernel's banner
+    child.expect(PROMPT)
+    kernel_proc = psutil.Process(child.pid).children()[0]
+    assert "42" in type_line(child, "print(6 * 7)")
+    assert leave(child) == 0
+    kernel_proc.wait(timeout=10)  # gone, and its connection file with it
+    assert not os.path.exists(path)
+
+
+def test_keep_kernel(own_console, env):
+    "--keep-kernel leaves the kernel it started running, and says how to reattach."
+    child = pexpect.spawn(sys.executable, [own_console, "--keep-kernel"], env=env, timeout=20,
+                          encoding="utf-8", dimensions=(50, 250))
+    child.expect(PROMPT)
+    type_line(child, "kept = 'still here'")
+    child.sendline("exit")
+    child.expect(r"reattach with: .* --existing (\S+)\]")
+    path = child.match.group(1)
+    child.expect(pexpect.EOF)
+    result = piped(env, "print(kept)\n", "--existing", path)
+    assert result.stdout == "still here\n"
+    kept = [p for p in psutil.process_iter(["cmdline"]) if path in (p.info["cmdline"] or [])]
+    client = miniconsole.Client(path)
+    reply = client.request("control", "shutdown_request", {"restart": False}, timeout=10)
+    client.close()
+    assert reply["content"]["status"] == "ok" and len(kept) == 1
+    kept[0].wait(timeout=10)
+    if os.path.exists(path):  # minikernel removes its file; ipykernel leaves it
+        os.remove(path)
+
+
+def test_run_cell_and_prompt_numbers(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    n = int(child.match.group(1))
+    type_line(child, "x = 21")
+    assert child.match.group(1) == str(n + 1)
+    assert re.search(rf"Out\[{n + 1}\]: 42", type_line(child, "x * 2"))
+    out = type_line(child, "print('hello'); 1 / 0")
+    assert "hello" in out and "ZeroDivisionError" in out
+    assert leave(child) == 0
+
+
+def test_ctrl_c_at_prompt_clears_the_line(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.send("this is not python")
+    child.expect_exact("python")  # readline has it (a Ctrl-C racing it can be lost in readline)
+    child.sendintr()
+    child.expect(PROMPT)
+    out = type_line(child, "print('clean', 1 + 1)")
+    assert "clean 2" in out and "SyntaxError" not in out
+    assert leave(child) == 0
+
+
+def test_input(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("name = input('who are you? ')")
+    child.expect_exact("\r\nwho are you? ")  # the kernel's prompt, not our typing
+    child.sendline("Ada")
+    child.expect(PROMPT)
+    assert "hello Ada" in type_line(child, "print('hello', name)")
+    assert leave(child) == 0
+
+
+def test_password_input(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("import getpass; secret = getpass.getpass('pw: ')")
+    child.expect_exact("\r\npw: ")  # the kernel's prompt, not our typing
+    child.sendline("s3cret")
+    child.expect(PROMPT)
+    assert "s3cret" not in child.before  # not echoed
+    out = type_line(child, "print(secret[::-1])")
+    assert "terc3s" in out
+    assert leave(child) == 0
+
+
+def test_ctrl_c_at_input_interrupts_kernel(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("input('waiting> ')")
+    child.expect_exact("\r\nwaiting> ")  # the kernel's prompt, not our typing
+    child.sendintr()
+    child.expect("KeyboardInterrupt")
+    child.expect(PROMPT)
+    assert "ok 3" in type_line(child, "print('ok', 1 + 2)")
+    assert leave(child) == 0
+
+
+def test_multiline_for_loop(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("for i in range(3):")
+    child.expect_exact("...: ")
+    child.sendline("print(i * 10)")  # the kernel's indent is already there
+    child.expect_exact("...: ")
+    out = type_line(child, "")
+    assert re.search(r"0\r\n10\r\n20\r\n", out)
+    assert leave(child) == 0
+
+
+def test_debug(any_kernel, env):
+    "%debug: a post-mortem debugger session, carried by input_request on stdin."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("def f():")
+    child.sendline("x = 42")
+    child.sendline("return x / 0")
+    type_line(child, "")
+    assert "ZeroDivisionError" in type_line(child, "f()")
+    child.sendline("%debug")
+    child.expect(r"(ipdb> |\(Pdb\) )")
+    child.sendline("p x")
+    child.expect(r"42\r\n")
+    child.expect(r"(ipdb> |\(Pdb\) )")
+    child.sendline("q")
+    child.expect(PROMPT)
+    assert "after 1" in type_line(child, "print('after', 1)")
+    assert leave(child) == 0
+
+
+def test_rich_output_and_pager(any_kernel, env):
+    "text/plain is shown; every other mimetype becomes a one-line placeholder; obj? pages."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    type_line(child,
+              "class H: _repr_html_ = lambda self: '<b>hi</b>'; __repr__ = lambda self: 'H()'")
+    assert re.search(r"\r\nH\(\)\r\n<text/html, 9 bytes>\r\n", type_line(child, "display(H())"))
+    assert re.search(r"Out\[\d+\]: H\(\)\r\n<text/html, 9 bytes>\r\n", type_line(child, "H()"))
+    assert "Return the number of items in a container." in type_line(child, "len?")
+    assert leave(child) == 0
+
+
+def test_tab_completion(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    type_line(child, "a_rather_unique_name = 5")
+    child.send("a_rather_uni\t")
+    child.expect_exact("a_rather_unique_name")
+    assert "10" in type_line(child, " * 2")
+    assert leave(child) == 0
+
+
+def test_interrupt_kernel_started_elsewhere(any_kernel, env):
+    "Ctrl-C while a cell runs: interrupt_request on control, so any kernel can be interrupted."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("import time; time.sleep(30)")
+    time.sleep(1)
+    started = time.monotonic()
+    child.sendintr()
+    child.expect("KeyboardInterrupt", timeout=10)
+    child.expect(PROMPT)
+    assert time.monotonic() - started < 5
+    assert "still 4" in type_line(child, "print('still', 2 + 2)")
+    assert leave(child) == 0
+
+
+def test_other_frontend_output_shown_at_prompt(any_kernel, env):
+    "Another client's cell and its output appear above the prompt, marked, as they happen."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.send("y = 12")  # half typed: it must survive the interruption
+    other = BlockingKernelClient(connection_file=any_kernel.path)
+    other.load_connection_file()
+    other.start_channels()
+    try:
+        other.wait_for_ready(timeout=10)
+        other.execute("print('from elsewhere')")
+        child.expect(r"\[other frontend\] In \[(\d+)\]: print\('from elsewhere'\)", timeout=5)
+        theirs = int(child.match.group(1))
+        child.expect_exact("[other frontend] from elsewhere", timeout=5)
+        child.expect_exact("y = 12")  # the prompt and the half-typed line, redrawn
+    finally:
+        other.stop_channels()
+    child.sendline("3")
+    child.expect(PROMPT)
+    assert child.match.group(1) == str(theirs + 2)  # their cell, then ours
+    assert "Out" in type_line(child, "y") and "123" in child.before
+    assert leave(child) == 0
+
+
+def test_no_others(any_kernel, env):
+    child = spawn_console(env, "--existing", any_kernel.path, "--no-others")
+    other = miniconsole.Client(any_kernel.path)
+    try:
+        miniconsole.handshake(other)
+        other.request("shell", "execute_request", {"code": "print('not for you')",
+                      "silent": False, "store_history": True, "user_expressions": {},
+                      "allow_stdin": False, "stop_on_error": True})
+    finally:
+        other.close()
+    time.sleep(0.6)  # two ticks and more: it would be on the screen by now
+    out = type_line(child, "print('mine')")
+    assert "mine" in out and "not for you" not in out
+    assert leave(child) == 0
+
+
+@pytest.mark.parametrize("how", ["exit", "quit", "ctrl-d"])
+def test_leaving_keeps_shared_kernel(any_kernel, env, how):
+    child = spawn_console(env, "--existing", any_kernel.path)
+    type_line(child, f"left_by = '{how}'")
+    assert leave(child, how) == 0
+    assert any_kernel.alive()
+    assert piped(env, "print(left_by)\n", "--existing", any_kernel.path).stdout == f"{how}\n"
+
+
+def test_kernel_killed(any_own_kernel, env):
+    "SIGKILL: the console says so in one line within 3 s, and exits non-zero."
+    child = spawn_console(env, "--existing", any_own_kernel.path)
+    killed = time.monotonic()
+    os.kill(any_own_kernel.proc.pid, signal.SIGKILL)
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=10)
+    assert time.monotonic() - killed < 3.0
+    assert child.before.strip() == ""  # that one line, and nothing else
+    child.expect(pexpect.EOF)
+    assert child.before == ""
+    child.close()
+    assert child.exitstatus == miniconsole.KERNEL_DIED
+
+
+def test_kernel_dies_during_cell(any_own_kernel, env):
+    "A cell that kills its kernel: no reply will come, and the console does not wait for one."
+    child = spawn_console(env, "--existing", any_own_kernel.path)
+    child.sendline("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=5)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == miniconsole.KERNEL_DIED
+
+
+################ miniconsole: piped mode
+
+
+def test_piped_outputs_only(any_kernel, env):
+    result = piped(env, "x = 1\nprint(x + 1)\nfor i in range(2):\n    print(i)\n\n40 + 2\n",
+                   "--existing", any_kernel.path)
+    assert (result.returncode, result.stdout) == (0, "2\n0\n1\n42\n")
+
+
+def test_piped_error_exit_code(any_kernel, env):
+    result = piped(env, "print('before')\n1 / 0\nprint('after')\n", "--existing", any_kernel.path)
+    assert result.returncode == 1
+    assert result.stdout == "before\nafter\n"
+    assert "ZeroDivisionError" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_piped_input_reads_next_line(any_kernel, env):
+    result = piped(env, "a = input()\nfirst\nb = input('no prompt shown: ')\nsecond\nprint(a, b)\n",
+                   "--existing", any_kernel.path)
+    assert (result.returncode, result.stdout) == (0, "first second\n")
+
+
+def test_show_messages(any_kernel, env):
+    result = piped(env, "print('shown')\n", "--existing", any_kernel.path, "--show-messages")
+    assert result.stdout == "shown\n"
+    for line in ["shell -> kernel_info_request", "shell <- kernel_info_reply",
+                 "shell -> execute_request", 'iopub <- stream               {"name": "stdout"',
+                 "shell <- execute_reply"]:
+        assert line in result.stderr
+
+
+def test_existing_without_match(env, tmp_path):
+    "Nothing to attach to: one line that says what was looked for and where, and exit 1."
+    result = piped(env, "", "--existing", "no-such-kernel")
+    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (1, "", 1)
+    assert "*no-such-kernel*" in result.stderr and env["JUPYTER_RUNTIME_DIR"] in result.stderr
+    missing = str(tmp_path / "kernel-gone.json")
+    result = piped(env, "", "--existing", missing)
+    assert (result.returncode, result.stderr) == (1, f"miniconsole: no connection file {missing}\n")
+    (tmp_path / "kernel-bad.json").write_text("{not json")
+    result = piped(env, "", "--existing", str(tmp_path / "kernel-bad.json"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("miniconsole: cannot use connection file")
+
+
+def test_existing_finds_newest_by_name(any_kernel, env):
+    "--existing NAME matches *NAME* in the runtime dir; no argument takes the newest kernel*.json."
+    runtime = env["JUPYTER_RUNTIME_DIR"]
+    old = os.path.join(runtime, "kernel-old.json")
+    with open(old, "w") as f:
+        json.dump({"not": "used"}, f)
+    os.utime(old, (1, 1))
+    new = os.path.join(runtime, f"kernel-{any_kernel.name}-find.json")
+    shutil.copy(any_kernel.path, new)
+    try:
+        for arg in [f"{any_kernel.name}-fi", "kernel-*-find.json", ""]:
+            result = piped(env, "print('found')\n", "--existing", *[arg] if arg else [])
+            assert (result.returncode, result.stdout) == (0, "found\n"), arg
+    finally:
+        os.remove(old)
+        os.remove(new)
+
+
+################ miniconsole: the client alone, signing, and garbage on a socket
+
+
+def test_client_drops_garbage(tmp_path, capfd):
+    "A fake kernel's shell ROUTER sends garbage, then a good reply: one line, and go on."
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    ports = {f"{c}_port": zmq.Socket.bind_to_random_port(s, "tcp://127.0.0.1") for c, s in
+             [("shell", router), ("iopub", ctx.socket(zmq.PUB)), ("stdin", ctx.socket(zmq.ROUTER)),
+              ("control", ctx.socket(zmq.ROUTER)), ("hb", ctx.socket(zmq.REP))]}
+    path = tmp_path / "kernel-fake.json"
+    path.write_text(json.dumps({**ports, "ip": "127.0.0.1", "transport": "tcp", "key": "secret",
+                                "signature_scheme": "hmac-sha256"}))
+    client = miniconsole.Client(str(path))
+    try:
+        client.send("shell", "kernel_info_request", {})
+        ident, *frames = router.recv_multipart()
+        request = miniconsole.from_frames(miniconsole.new_session("secret"), frames)
+        ours = miniconsole.new_session("secret")
+        reply = miniconsole.new_msg(ours, "kernel_info_reply", {"status": "ok"}, request["header"])
+        good = miniconsole.to_frames(ours, reply, [ident])
+        router.send_multipart([ident, b"not a message"])
+        router.send_multipart([*good[:2], b"0" * 64, *good[3:]])  # bad signature
+        router.send_multipart(good)
+        router.send_multipart(good)  # replayed
+        got = client.recv("shell", 5)
+        assert got["header"]["msg_id"] == reply["header"]["msg_id"]
+        assert client.recv("shell", 0.5) is None
+        err = capfd.readouterr().err.splitlines()
+        assert err == ["miniconsole: dropped a bad message on shell: no <IDS|MSG> delimiter",
+                       "miniconsole: dropped a bad message on shell: bad signature",
+                       "miniconsole: dropped a bad message on shell: replayed message "
+                       "(signature seen before)"]
+    finally:
+        client.close()
+        ctx.destroy(linger=0)
+
+
+def test_wire_format_identical_in_both_files():
+    if not os.path.exists(KERNEL):
+        pytest.skip("minikernel.py does not exist yet")
+
+    def wire(path):
+        with open(path) as f:
+            text = f.read()
+        start = text.index("################ Wire format")
+        return text[start : text.index("################", start + 1)].strip()
+
+    assert wire(CONSOLE) == wire(KERNEL)
 
 
 ################ The project's ground

@@ -1,0 +1,719 @@
+#!/usr/bin/env python3
+"""miniconsole: a terminal frontend for any Jupyter kernel, in one file, on pyzmq alone.
+
+A Jupyter session is two processes. The kernel runs code; the frontend (this console) reads
+what you type and shows what comes back. They share no memory, only five ZeroMQ sockets,
+whose ports and signing key the kernel writes into a connection file:
+
+    console (this process)                           kernel (minikernel, ipykernel, ...)
+    shell    DEALER --- execute_request ----->  ROUTER  run code, complete, is_complete,
+                    <-- execute_reply --------          kernel_info: one reply per request
+    control  DEALER --- interrupt_request --->  ROUTER  served even while shell is busy
+    stdin    DEALER <-- input_request --------  ROUTER  the kernel asks us for a line
+                    --- input_reply --------->          (input(), pdb): same zmq identity
+                                                        as shell, so it can address us
+    iopub    SUB    <-- status, stream, ... --  (X)PUB  output, broadcast to every frontend
+    hb       REQ    --- b"ping", echoed ----->  REP     silence means the kernel is gone
+
+The console sends each cell on shell and waits for its execute_reply. Meanwhile it prints
+what iopub broadcasts (its own cell's output and, marked, other frontends' cells), answers
+input_request from the keyboard, turns Ctrl-C into interrupt_request on control, and watches
+hb, so that a dead kernel is noticed within seconds.
+
+    python miniconsole.py                    start minikernel.py (beside this file), attach,
+                                             and shut it down on exit (unless --keep-kernel)
+    python miniconsole.py --existing [NAME]  attach to a running kernel: a connection file,
+                                             or the newest *NAME* (no NAME: kernel*.json)
+                                             in . or the Jupyter runtime dir
+    printf 'x = 1\\nprint(x + 1)\\n' | python miniconsole.py --existing   piped: outputs only
+
+The kernel decides when a cell is complete; Tab completes; history is kept. Ctrl-C interrupts
+a running cell, on any kernel, also one we did not start; at the prompt it clears the line.
+Ctrl-D, exit or quit leave; a kernel we did not start stays alive. Piped, cells come from
+stdin, input() takes the next line, only the cells' output is printed, and the exit status
+is 1 if any cell raised. Exit status 3: the kernel died. POSIX only: signals keep the console
+watching while it waits for you to type.
+"""
+
+import argparse
+import atexit
+import contextlib
+import getpass
+import glob
+import hmac
+import json
+import os
+import re
+import readline
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Optional
+
+import zmq
+
+USER = os.environ.get("USER", "username")
+TICK = 0.25  # seconds between looks at iopub and hb while we wait for a line
+HB_SILENCE = 1.5  # seconds without a heartbeat echo before the kernel counts as dead
+OTHER = "[other frontend] "  # marks each line that another frontend's cell produced
+EXIT_COMMANDS = {"exit", "quit", "exit()", "quit()"}
+KERNEL_DIED = 3  # exit code; 1 means no kernel was found, or (piped) a cell raised
+
+################ Connection file: how a frontend finds a kernel
+
+# A kernel publishes itself as a small JSON file; whoever can read it can run code:
+#   {"shell_port": 41477, "iopub_port": 33687, "stdin_port": 34147, "control_port": 35183,
+#    "hb_port": 49955, "ip": "127.0.0.1", "transport": "tcp", "key": "b115...",
+#    "signature_scheme": "hmac-sha256", "kernel_name": ""}
+# Kernels write theirs into Jupyter's runtime dir, and that is where --existing looks.
+
+
+def data_dir() -> str:
+    "Jupyter's per-user data dir: $JUPYTER_DATA_DIR, else the platform's usual place."
+    if os.environ.get("JUPYTER_DATA_DIR"):
+        return os.environ["JUPYTER_DATA_DIR"]
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Jupyter")
+    share = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(share, "jupyter")
+
+
+def runtime_dir() -> str:
+    "Where running kernels leave their connection files."
+    return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(data_dir(), "runtime")
+
+
+def find_connection_file(name: str) -> str:
+    "--existing NAME: a path, else the newest file matching NAME (or kernel*.json) in . or runtime."
+    if os.path.isfile(name):
+        return name
+    if os.sep in name:
+        raise SystemExit(f"miniconsole: no connection file {name}")
+    pattern = name if set(name) & set("*?[") else f"*{name}*" if name else "kernel*.json"
+    dirs = [os.getcwd(), runtime_dir()]
+    found = [f for d in dirs for f in glob.glob(os.path.join(d, pattern)) if os.path.isfile(f)]
+    if not found:
+        where = " or ".join(dirs)
+        raise SystemExit(f"miniconsole: no connection file matching {pattern} in {where}")
+    return max(found, key=os.path.getmtime)
+
+
+def start_kernel() -> tuple:
+    "Start the minikernel.py beside this file on a fresh connection file: (process, path)."
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(runtime_dir(), f"kernel-{uuid.uuid4()}.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minikernel.py")
+    # A process session of its own, so that Ctrl-C at this terminal reaches only us: we pass
+    # it on as interrupt_request, the same way as to a kernel we did not start. Its stderr is
+    # kept aside, to say why if it dies at once, and so that it stays off our terminal.
+    with tempfile.TemporaryFile() as log:
+        kernel = subprocess.Popen([sys.executable, script, "-f", path], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the kernel picks ports, then writes the file
+            if kernel.poll() is not None:
+                log.seek(0)
+                why = (log.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
+                raise SystemExit(f"miniconsole: {script} exited ({kernel.returncode}): {why}")
+            with contextlib.suppress(OSError, ValueError):  # not there yet, or half written
+                with open(path) as f:
+                    json.load(f)
+                return kernel, path
+            time.sleep(0.05)
+    kernel.kill()
+    raise SystemExit(f"miniconsole: {script} wrote no connection file in 30 s")
+
+
+################ Wire format: one message, many frames
+
+# A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
+#   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
+# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
+# the four dict frames, keyed with the connection file's key: whoever holds the key may
+# run code, so everything received is checked before it is believed.
+
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.5"
+DICTS = ("header", "parent_header", "metadata", "content")
+REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+
+
+def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
+    "One end's signing state: its key, its session id and the signatures it has seen."
+    if not scheme.startswith("hmac-"):
+        raise ValueError(f"unsupported signature_scheme {scheme!r}")
+    auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+
+
+def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
+    "A message as the four dicts; parent_header is the whole header of the request it answers."
+    header = {"msg_id": uuid.uuid4().hex, "session": session["id"], "username": USER,
+              "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+              "msg_type": msg_type, "version": PROTOCOL_VERSION}
+    return {"header": header, "parent_header": parent or {}, "metadata": {}, "content": content}
+
+
+def sign(session: dict, parts: list) -> bytes:
+    "The hex HMAC over the four dict frames, in order; empty when there is no key."
+    if session["auth"] is None:
+        return b""
+    h = session["auth"].copy()  # copying the keyed state is cheaper than re-keying
+    for part in parts:
+        h.update(part)
+    return h.hexdigest().encode()
+
+
+def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
+    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    parts = [json.dumps(msg[k], default=str).encode() for k in DICTS]
+    return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
+
+
+def from_frames(session: dict, frames: list) -> dict:
+    "Check and parse frames into a message; ValueError says why they are not one."
+    if DELIM not in frames:
+        raise ValueError("no <IDS|MSG> delimiter")
+    i = frames.index(DELIM)
+    if len(frames) < i + 6:
+        raise ValueError(f"{len(frames) - i - 1} frames after the delimiter, need 5")
+    signature, parts = frames[i + 1], frames[i + 2 : i + 6]
+    if session["auth"] is not None:
+        if not signature:
+            raise ValueError("unsigned message")
+        if signature in session["seen"]:
+            raise ValueError("replayed message (signature seen before)")
+        if not hmac.compare_digest(signature, sign(session, parts)):
+            raise ValueError("bad signature")
+        session["seen"].add(signature)
+        session["order"].append(signature)
+        if len(session["order"]) > REPLAY_MEMORY:
+            session["seen"].discard(session["order"].popleft())
+    msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8 raises ValueError
+    if not all(isinstance(msg[k], dict) for k in DICTS):
+        raise ValueError("header, parent_header, metadata and content must be JSON objects")
+    if not isinstance(msg["header"].get("msg_type"), str):
+        raise ValueError("header has no msg_type")
+    msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
+    return msg
+
+
+################ The client: five sockets to one kernel
+
+SOCKETS = {"shell": zmq.DEALER, "control": zmq.DEALER, "stdin": zmq.DEALER,  # our end of each
+           "iopub": zmq.SUB, "hb": zmq.REQ}                                  # channel
+
+
+class Client:
+    """One frontend's sockets to one kernel, and the session that signs for them.
+
+        client = Client("kernel-1234.json")
+        info = handshake(client)                       # the kernel_info_reply content
+        reply = client.request("shell", "execute_request", {"code": "1 + 1", ...})
+        for msg in client.iopub(timeout=1.0): ...      # messages as dicts, as on the wire
+        client.heartbeat(timeout=1.0)                  # False once the kernel stopped echoing
+
+    Not thread-safe, as no zmq socket is: use a Client from one thread at a time."""
+
+    def __init__(self, connection_file: str):
+        with open(connection_file) as f:
+            self.info = info = json.load(f)
+        self.connection_file = connection_file
+        self.session = new_session(info["key"], info.get("signature_scheme", "hmac-sha256"))
+        self.log = None  # log(arrow, channel, msg) is called for every message: --show-messages
+        self.sockets = {}
+        for channel, kind in SOCKETS.items():
+            sock = self.sockets[channel] = zmq.Context.instance().socket(kind)
+            sock.linger = 0  # closing never waits to deliver to a kernel that may be gone
+            if channel in ("shell", "stdin"):  # the kernel sends input_request to the
+                sock.identity = self.session["id"].encode()  # identity its request came from
+            port = info[f"{channel}_port"]
+            tcp = info.get("transport", "tcp") == "tcp"
+            sock.connect(f"tcp://{info['ip']}:{port}" if tcp else f"ipc://{info['ip']}-{port}")
+        self.sockets["iopub"].subscribe(b"")  # every topic: the kernel's whole broadcast
+        self.sockets["hb"].send(b"ping")
+        self.last_echo = time.monotonic()
+
+    def send(self, channel: str, msg_type: str, content: dict, parent: Optional[dict] = None):
+        "Sign and send a message on shell, control or stdin; return it (header.msg_id names it)."
+        msg = new_msg(self.session, msg_type, content, parent)
+        # A DEALER sends [<IDS|MSG>, signature, header, parent, metadata, content]; the
+        # kernel's ROUTER puts our identity in front, and addresses its reply with it.
+        self.sockets[channel].send_multipart(to_frames(self.session, msg))
+        if self.log:
+            self.log("->", channel, msg)
+        return msg
+
+    def recv(self, channel: str, timeout: float) -> Optional[dict]:
+        "The next good message on channel within timeout seconds, else None; bad ones are dropped."
+        sock, deadline = self.sockets[channel], time.monotonic() + timeout
+        while sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            frames = sock.recv_multipart()  # [<IDS|MSG>, ...], or on iopub [topic, <IDS|MSG>, ...]
+            try:
+                msg = from_frames(self.session, frames)
+            except ValueError as e:
+                print(f"miniconsole: dropped a bad message on {channel}: {e}", file=sys.stderr)
+                continue
+            if self.log:
+                self.log("<-", channel, msg)
+            return msg
+        return None
+
+    def request(self, channel: str, msg_type: str, content: dict, timeout: float = 10.0):
+        "Send a request and return the reply whose parent it is, or None after timeout seconds."
+        msg_id = self.send(channel, msg_type, content)["header"]["msg_id"]
+        deadline = time.monotonic() + timeout
+        while (reply := self.recv(channel, deadline - time.monotonic())) is not None:
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply  # others answer requests whose replies we stopped waiting for
+        return None
+
+    def iopub(self, timeout: float = 0.0):
+        "Yield iopub messages as they come, until none came for timeout seconds."
+        while (msg := self.recv("iopub", timeout)) is not None:
+            yield msg
+
+    def heartbeat(self, timeout: float = 0.0) -> bool:
+        "True until hb stays silent HB_SILENCE s: collect an echo (waiting up to timeout), ping on."
+        hb = self.sockets["hb"]
+        if hb.poll(timeout * 1000):
+            hb.recv()
+            self.last_echo = time.monotonic()
+            hb.send(b"ping")  # a REQ socket alternates: the next ping only after this echo
+        return time.monotonic() - self.last_echo < HB_SILENCE
+
+    def close(self) -> None:
+        "Close our sockets. The kernel lives on."
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+
+
+################ Handshake: is anyone there?
+
+# A SUB socket misses whatever the kernel publishes before our subscription has reached it
+# (zmq's "slow joiner"), and nothing says when that happened. So we nudge: kernel_info_request
+# again and again, until its reply came back AND something arrived on iopub (the busy/idle
+# around a nudge, or a 5.5 kernel's iopub_welcome). From then on no output can slip past us.
+
+
+def handshake(client: Client, timeout: float = 10.0) -> dict:
+    "Nudge until shell and iopub both answered; return the kernel_info_reply content."
+    reply, heard, deadline = None, False, time.monotonic() + timeout
+    while not (reply and heard):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no kernel answers at {client.connection_file} ({timeout} s)")
+        client.send("shell", "kernel_info_request", {})
+        reply = client.recv("shell", 0.5) or reply  # any reply will do: all answer a nudge
+        heard = client.recv("iopub", 0.1) is not None or heard
+    return reply["content"]
+
+
+################ The console's state
+
+class KernelDied(Exception):
+    "hb went silent: the kernel process is gone, or stuck."
+
+
+class Console:
+    "What the console knows between messages: its kernel, its mode, and what it is waiting for."
+
+    def __init__(self, client: Client, tty: bool, others: bool):
+        self.client = client
+        self.tty = tty  # a terminal: prompts and readline; else piped, and only outputs
+        self.others = others  # show what other frontends' cells do
+        self.count = 1  # the execution_count of the next cell: In [count]
+        self.failed = False  # some cell raised: piped mode exits 1
+        self.running = None  # msg_id of our execute_request, until its reply and idle are in
+        self.reply = None  # its execute_reply
+        self.idle = False  # its status: idle arrived
+        self.interrupts = 0  # Ctrl-C presses while it runs
+        self.reading = False  # waiting in input() or getpass() for a line
+        self.prompt = None  # the prompt being shown, to redraw after output that arrives meanwhile
+        self.erased = False  # output has replaced it on the screen
+        self.matches = []  # what Tab offers
+
+
+################ Reading a cell: prompts, is_complete, Tab, history
+
+# The kernel knows its language, so the kernel decides when a cell is complete:
+#   is_complete_request {"code": "for i in range(3):"}
+#   is_complete_reply   {"status": "incomplete", "indent": "    "}   (or complete, invalid, unknown)
+# A kernel that cannot tell, or is too busy to answer in a second, gets "a blank line ends it".
+
+
+def read_cell(con: Console) -> Optional[str]:
+    "Lines until the kernel says they make a cell; None when the user leaves."
+    lines, indent, prompt = [], "", ""
+    while True:
+        prompt = "...: ".rjust(len(prompt)) if lines else f"In [{con.count}]: "
+        try:
+            line = read_line(con, prompt if con.tty else "", indent if con.tty else "")
+        except EOFError:  # Ctrl-D; or the pipe is done, and the last cell runs as it is
+            write(con, "stdout", "\n" if con.tty else "")
+            return "\n".join(lines) if lines and not con.tty else None
+        if not lines and line.strip() in EXIT_COMMANDS:
+            return None
+        if not lines and not line.strip():
+            continue
+        lines.append(line if line.strip() else "")  # an untouched indent counts as blank
+        status, indent = is_complete(con, "\n".join(lines))
+        if status in ("complete", "invalid") or (status is None and not line.strip()):
+            return "\n".join(lines)  # invalid runs too: the kernel explains the error best
+
+
+def is_complete(con: Console, code: str) -> tuple:
+    "(status, indent) from is_complete_reply; status None when the kernel cannot tell in time."
+    reply = con.client.request("shell", "is_complete_request", {"code": code}, timeout=1.0)
+    content = reply["content"] if reply else {}
+    status = content.get("status")
+    return (None if status == "unknown" else status), content.get("indent", "")
+
+
+def complete(con: Console, text: str, state: int) -> Optional[str]:
+    "readline's completer: ask complete_request once per Tab, then hand out the matches."
+    if state == 0:
+        con.matches = []
+        line, begin, end = readline.get_line_buffer(), readline.get_begidx(), readline.get_endidx()
+        reply = None if con.running else con.client.request(  # not while the kernel waits on stdin
+            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=2.0)
+        content = reply["content"] if reply else {}
+        for match in content.get("matches", []) if content.get("status") == "ok" else []:
+            full = line[: content["cursor_start"]] + match  # the line as the kernel completes it
+            if full[:begin] == line[:begin]:  # readline replaces only from begin on
+                con.matches.append(full[begin:])
+    return con.matches[state] if state < len(con.matches) else None
+
+
+def setup_readline(con: Console) -> None:
+    "Line editing, Tab through complete_request, and a history file in Jupyter's data dir."
+    readline.set_completer(lambda text, state: complete(con, text, state))
+    libedit = "libedit" in (readline.__doc__ or "")  # macOS's stand-in speaks another dialect
+    readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
+    path = os.path.join(data_dir(), "miniconsole_history")
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            os.makedirs(data_dir(), exist_ok=True)
+            readline.write_history_file(path)
+    atexit.register(save)
+
+
+################ Running a cell: one execute_request, four sockets to serve
+
+# execute_request goes out on shell. Until both its execute_reply (shell) and its status: idle
+# (iopub) are in, output arrives on iopub, the kernel may ask for a line on stdin, and control
+# brings the interrupt_reply after a Ctrl-C. Idle comes after the last output on iopub, so once
+# both are in, everything the cell printed is on the screen.
+
+
+def run_cell(con: Console, code: str) -> Optional[dict]:
+    "Send execute_request and serve iopub, stdin, shell and control until it is done."
+    request = con.client.send("shell", "execute_request", {
+        "code": code, "silent": False, "store_history": True, "user_expressions": {},
+        "allow_stdin": True, "stop_on_error": True})
+    con.running, con.reply, con.idle, con.interrupts = request["header"]["msg_id"], None, False, 0
+    receive = {  # channel: what to do with a message that arrives on it
+        "iopub": on_iopub,  # output, and our status: idle
+        "stdin": answer_input,  # input_request
+        "shell": on_reply,  # execute_reply
+        "control": lambda con, msg: None,  # interrupt_reply: --show-messages is all it needs
+    }
+    poller = zmq.Poller()
+    for channel in receive:
+        poller.register(con.client.sockets[channel], zmq.POLLIN)
+    try:
+        while not (con.reply and con.idle):
+            ready = dict(poller.poll(TICK * 1000))
+            for channel, handle in receive.items():
+                msg = con.client.recv(channel, 0) if con.client.sockets[channel] in ready else None
+                if msg:
+                    handle(con, msg)
+            if not con.client.heartbeat():
+                raise KernelDied
+            if con.interrupts > 1:  # the kernel ignored the first Ctrl-C; stop waiting for it
+                write(con, "stderr", "miniconsole: stopped waiting; the kernel may still run it\n")
+                return None
+    finally:
+        con.running = None
+    return con.reply
+
+
+def on_reply(con: Console, msg: dict) -> None:
+    "shell: keep the execute_reply to our request; older replies were given up on."
+    if msg["parent_header"].get("msg_id") == con.running:
+        con.reply = msg
+
+
+def show_reply(con: Console, reply: dict) -> None:
+    "What the execute_reply adds: success or not, the next execution_count, and page payloads."
+    content = reply["content"]
+    con.failed |= content.get("status") != "ok"
+    if isinstance(content.get("execution_count"), int):
+        con.count = content["execution_count"] + 1
+    for payload in content.get("payload", []):  # e.g. {"source": "page", "data": {...}} for obj?
+        if payload.get("source") == "page":
+            write(con, "stdout", bundle(payload.get("data", {})) + "\n")
+
+
+################ Output: what each iopub msg_type looks like on a terminal
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and cursor moves: not for a pipe
+
+
+def bundle(data: dict) -> str:
+    "A mimebundle as text: its text/plain, and a one-line placeholder for each other mimetype."
+    lines = [data["text/plain"]] if "text/plain" in data else []
+    for mime, value in data.items():
+        if mime != "text/plain":  # {"image/png": "iVBORw0KGgo..."}: a terminal can't show it
+            size = len(value if isinstance(value, str) else json.dumps(value))
+            lines.append(f"<{mime}, {size} bytes>")
+    return "\n".join(lines)
+
+
+OUTPUT = {  # msg_type: (content, tty) -> (stdout or stderr, text)
+    "stream": lambda c, tty: (c["name"], c["text"]),  # {"name": "stdout", "text": "2\n"}
+    "execute_input": lambda c, tty: ("stdout", f"In [{c['execution_count']}]: {c['code']}\n"),
+    "execute_result": lambda c, tty: (  # {"execution_count": 3, "data": {"text/plain": "2"}}
+        "stdout", (f"Out[{c['execution_count']}]: " if tty else "") + bundle(c["data"]) + "\n"),
+    "display_data": lambda c, tty: ("stdout", bundle(c["data"]) + "\n"),
+    "update_display_data": lambda c, tty: ("stdout", bundle(c["data"]) + "\n"),
+    "error": lambda c, tty: (  # {"ename": ..., "evalue": ..., "traceback": [lines]}
+        "stderr", "\n".join(c["traceback"] or [f"{c['ename']}: {c['evalue']}"]) + "\n"),
+    "clear_output": lambda c, tty: ("stdout", "\r\x1b[K" if tty else ""),  # the line, at least
+}
+
+
+def on_iopub(con: Console, msg: dict) -> None:
+    "One iopub message: note our idle, follow the execution_count, show the output."
+    kind, content, parent = msg["header"]["msg_type"], msg["content"], msg["parent_header"]
+    theirs = parent.get("session") not in (None, con.client.session["id"])
+    if kind == "status" and parent.get("msg_id") == con.running and not theirs:
+        con.idle = con.idle or content.get("execution_state") == "idle"
+    if kind == "execute_input" and isinstance(content.get("execution_count"), int):
+        con.count = content["execution_count"] + 1  # any frontend's cell moves the count on
+    if kind not in OUTPUT or (theirs and (not con.others or kind == "clear_output")):
+        return
+    if kind == "execute_input" and not theirs:  # we know what we typed
+        return
+    try:
+        stream, text = OUTPUT[kind](content, con.tty)
+    except (KeyError, TypeError, AttributeError) as e:
+        return write(con, "stderr", f"miniconsole: could not show a {kind} message: {e!r}\n")
+    if theirs:  # whole lines, each marked
+        text = "".join(OTHER + line + "\n" for line in text.splitlines())
+    write(con, stream, text)
+
+
+def write(con: Console, stream: str, text: str) -> None:
+    "Print text now, to stdout or stderr: in whole lines above a waiting prompt; plain if piped."
+    if con.prompt is not None and con.tty:
+        if not con.erased:  # the prompt line makes way; tick redraws it after
+            sys.stdout.write("\r\x1b[K")
+            con.erased = True
+        text += "" if text.endswith("\n") else "\n"
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.write(text if con.tty else ANSI.sub("", text))
+    out.flush()
+
+
+def show_message(con: Console, arrow: str, channel: str, msg: dict) -> None:
+    "--show-messages: one line per message as it passes: channel, direction, msg_type, content."
+    content = json.dumps(msg["content"], default=str)
+    content = content if len(content) <= 80 else content[:77] + "..."
+    write(con, "stderr", f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}\n")
+
+
+################ stdin: the kernel asks us for a line
+
+# input() or pdb in the kernel sends  input_request {"prompt": "ipdb> ", "password": false}
+# to the identity of the shell request that is running, that is to us; we send back
+#   input_reply {"value": "p x"}   with the request's header as parent_header.
+
+
+def answer_input(con: Console, msg: dict) -> None:
+    "Read the answer to an input_request here; Ctrl-C interrupts the kernel instead."
+    content = msg["content"]
+    try:
+        value = read_line(con, content.get("prompt", "") if con.tty else "",
+                          password=bool(content.get("password")))
+    except EOFError:  # Ctrl-D, or the pipe ran dry
+        value = "\x04"  # the kernel's input() raises EOFError
+    except KeyboardInterrupt:  # on_sigint already sent interrupt_request
+        return
+    con.client.send("stdin", "input_reply", {"value": value}, parent=msg["header"])
+
+
+################ Waiting for a line: Ctrl-C, kernel death, other frontends
+
+# Everything runs on one thread, so each socket has exactly one user. While that thread sits
+# in input() or getpass(), a SIGALRM every TICK seconds runs `tick`: it shows what iopub
+# brought (other frontends' cells, late output of ours) above the prompt, and checks hb. A
+# handler that raises ends input() cleanly, so a dead kernel is reported within ~2 s.
+#
+# Ctrl-C is SIGINT. While our cell runs it belongs to the kernel: interrupt_request on control,
+# which works for any kernel, also one we did not start. Otherwise it is ours: KeyboardInterrupt.
+
+
+def read_line(con: Console, prompt: str, indent: str = "", password: bool = False) -> str:
+    "One line from the terminal (readline, or getpass) or the pipe, while tick keeps watch."
+    def prefill() -> None:  # offer the kernel's indent on a continuation line
+        readline.insert_text(indent)
+        readline.redisplay()
+    if indent:
+        readline.set_pre_input_hook(prefill)
+    con.reading, con.prompt = True, None if password else prompt
+    signal.setitimer(signal.ITIMER_REAL, TICK, TICK)
+    try:
+        return getpass.getpass(prompt) if password and con.tty else input(prompt)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        con.reading, con.prompt = False, None
+        readline.set_pre_input_hook()
+
+
+def tick(con: Console) -> None:
+    "SIGALRM while we wait for a line: show what arrived on iopub, redraw the prompt, check hb."
+    if con.prompt is not None:  # not while getpass() reads: it has no line to redraw
+        for msg in con.client.iopub():
+            on_iopub(con, msg)
+    if con.erased:  # output went where the prompt was: draw it again, with the half-typed line
+        sys.stdout.write(con.prompt + readline.get_line_buffer())
+        sys.stdout.flush()
+        con.erased = False
+    if not con.client.heartbeat():
+        sys.stdout.write("\n" if con.tty else "")  # off the prompt line, for the last word
+        raise KernelDied
+
+
+def on_alarm(con: Console) -> None:
+    "The SIGALRM handler: tick, with Ctrl-C held back until it is done, so no message is lost."
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGALRM})
+        tick(con)
+    finally:  # a Ctrl-C that came meanwhile is delivered now, between two messages
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGALRM})
+
+
+def on_sigint(con: Console) -> None:
+    "The SIGINT handler: interrupt the kernel while our cell runs; else, or at input(), raise."
+    if con.running:
+        con.interrupts += 1
+        con.client.send("control", "interrupt_request", {})
+    if con.reading or not con.running:
+        raise KeyboardInterrupt
+
+
+################ The console loop, on a terminal or from a pipe
+
+# Piped (stdin is not a terminal) the loop is the same: lines come from the pipe, input
+# requests take the next line, and nothing but the cells' output is printed: no banner, no
+# prompts, no escape codes, no other frontends. The exit code says whether any cell raised.
+
+
+def console_loop(con: Console) -> int:
+    "Read a cell, run it, show its reply; until the user leaves. Returns the exit code."
+    while True:
+        try:
+            code = read_cell(con)
+            if code is None:
+                return 1 if con.failed and not con.tty else 0
+            reply = run_cell(con, code)
+            if reply:
+                show_reply(con, reply)
+        except KeyboardInterrupt:  # at the prompt: drop the cell being typed, prompt anew
+            write(con, "stdout", "\n")
+
+
+################ main: find or start a kernel, attach, and leave it as we found it
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    "The command line; --help prints this file's docstring: the model, and how to use it."
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--existing", nargs="?", const="", metavar="FILE|NAME",
+                        help="attach to a running kernel instead of starting one")
+    parser.add_argument("--keep-kernel", action="store_true",
+                        help="leave the kernel we started running, and say how to reattach")
+    parser.add_argument("--no-others", action="store_true",
+                        help="do not show the cells other frontends run on the same kernel")
+    parser.add_argument("--show-messages", action="store_true",
+                        help="print every message sent and received, live (to stderr)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    "Attach to a kernel (started here or --existing), run the console, clean up."
+    args = parse_args(argv)
+    kernel = None  # the kernel process, if we started it
+    if args.existing is None:
+        kernel, path = start_kernel()
+    else:
+        path = find_connection_file(args.existing)
+    client = None
+    try:
+        try:
+            client = Client(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"miniconsole: cannot use connection file {path}: {e!r}") from None
+        tty = sys.stdin.isatty()
+        con = Console(client, tty, others=tty and not args.no_others)
+        if args.show_messages:
+            client.log = lambda arrow, channel, msg: show_message(con, arrow, channel, msg)
+        signal.signal(signal.SIGINT, lambda signum, frame: on_sigint(con))
+        signal.signal(signal.SIGALRM, lambda signum, frame: on_alarm(con))
+        info = handshake(client)
+        # An empty silent execute_request runs nothing and tells where the kernel's count is.
+        count = client.request("shell", "execute_request", {
+            "code": "", "silent": True, "store_history": False, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": False}, timeout=5.0)
+        if count and isinstance(count["content"].get("execution_count"), int):
+            con.count = count["content"]["execution_count"] + 1
+        if tty:
+            setup_readline(con)
+            print(info.get("banner", "").rstrip())
+            print(f"[connected to {path}; Ctrl-C interrupts, Ctrl-D leaves]")
+        return console_loop(con)
+    except TimeoutError as e:
+        print(f"miniconsole: {e}", file=sys.stderr)
+        return 1
+    except KernelDied:
+        print(f"miniconsole: the kernel died (no heartbeat for {HB_SILENCE} s)", file=sys.stderr)
+        return KERNEL_DIED
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        leave(client, kernel, path, args.keep_kernel)
+
+
+def leave(client: Optional[Client], kernel: Optional[subprocess.Popen], path: str,
+          keep: bool) -> None:
+    "On the way out: stop the kernel we started, unless asked to keep it; close our sockets."
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if kernel and keep and kernel.poll() is None:
+        print(f"[kernel left running; reattach with: python {sys.argv[0]} --existing {path}]")
+    elif kernel:
+        if client and kernel.poll() is None:
+            client.request("control", "shutdown_request", {"restart": False}, timeout=2.0)
+        try:
+            kernel.wait(5)
+        except subprocess.TimeoutExpired:
+            kernel.kill()
+            kernel.wait()
+        with contextlib.suppress(OSError):  # the kernel may have removed it itself
+            os.remove(path)
+    if client:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
