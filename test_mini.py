@@ -511,10 +511,13 @@ def test_interrupt_a_sleeping_cell(fresh_kernel, how):
     assert run(kc, "'still here'")[0]["status"] == "ok"
 
 
-def test_sigint_while_idle_is_harmless(fresh_kernel):
+def test_sigint_and_interrupt_request_while_idle_are_harmless(fresh_kernel):
     km, kc = fresh_kernel
     for _ in range(20):
         os.kill(km.provisioner.process.pid, signal.SIGINT)
+    for _ in range(3):
+        kc.control_channel.send(kc.session.msg("interrupt_request"))
+        assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"] == {"status": "ok"}
     time.sleep(0.3)
     assert km.is_alive()
     assert run(kc, "1")[0]["status"] == "ok"
