@@ -320,6 +320,10 @@ class KernelDied(Exception):
     "hb went silent: the kernel process is gone, or stuck."
 
 
+class Renumber(Exception):
+    "Another frontend ran a cell while we sat at In [N]: ask again, with the new N."
+
+
 class Console:
     "What the console knows between messages: its kernel, its mode, and what it is waiting for."
 
@@ -354,6 +358,9 @@ def read_cell(con: Console) -> Optional[str]:
         prompt = "...: ".rjust(len(prompt)) if lines else f"In [{con.count}]: "
         try:
             line = read_line(con, prompt if con.tty else "", indent if con.tty else "")
+        except Renumber as typed:  # the half-typed line comes back, under the new prompt
+            indent = typed.args[0]
+            continue
         except EOFError:  # Ctrl-D; or the pipe is done, and the last cell runs as it is
             write(con, "stdout", "\n" if con.tty else "")
             return "\n".join(lines) if lines and not con.tty else None
@@ -585,6 +592,9 @@ def tick(con: Console) -> None:
     if con.prompt is not None:  # not while getpass() reads: it has no line to redraw
         for msg in con.client.iopub():
             on_iopub(con, msg)
+    if con.erased and con.prompt.startswith("In [") and con.prompt != f"In [{con.count}]: ":
+        con.erased = False  # readline cannot change its prompt: end this input(), ask anew
+        raise Renumber(readline.get_line_buffer())
     if con.erased:  # output went where the prompt was: draw it again, with the half-typed line
         sys.stdout.write(con.prompt + readline.get_line_buffer())
         sys.stdout.flush()

@@ -76,7 +76,8 @@ user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, a
 
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
-    print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+    with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
+        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
 
 
 ################ Connection file: where a frontend finds the kernel

@@ -5,6 +5,7 @@ jupyter_kernel_test, nbclient, jupyter console under pexpect, and raw pyzmq sock
 Everything runs in a temporary Jupyter runtime and data dir, never the user's own.
 """
 
+import atexit
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import time
 import uuid
 
 import jupyter_kernel_test
+import nbformat
 import pexpect
 import psutil
 import pytest
@@ -24,6 +26,8 @@ import zmq
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from jupyter_client.session import Session
+from nbclient import NotebookClient
+from traitlets.config import Config
 
 import miniconsole
 
@@ -33,10 +37,14 @@ TIMEOUT = 15
 
 # One temporary Jupyter home for the whole run, with the minikernel kernelspec installed in it:
 # set before any client or kernel starts, so nothing touches the user's own dirs.
+# Every kernel started here also gets JPY_PARENT_PID, so none outlives a killed test run.
 JUPYTER_HOME = tempfile.mkdtemp(prefix="minikernel-test-")
+atexit.register(shutil.rmtree, JUPYTER_HOME, ignore_errors=True)
 os.environ.update(JUPYTER_DATA_DIR=os.path.join(JUPYTER_HOME, "data"),
                   JUPYTER_RUNTIME_DIR=os.path.join(JUPYTER_HOME, "runtime"),
-                  JUPYTER_PATH=os.path.join(JUPYTER_HOME, "data"))
+                  JUPYTER_PATH=os.path.join(JUPYTER_HOME, "data"),
+                  JPY_PARENT_PID=str(os.getpid()))
+os.makedirs(os.environ["JUPYTER_RUNTIME_DIR"], mode=0o700)
 subprocess.run([sys.executable, KERNEL, "install", "--user"], check=True, capture_output=True)
 
 
@@ -133,8 +141,8 @@ class Raw:
         _, frames = self.session.feed_identities(sock.recv_multipart())
         return self.session.deserialize(frames)
 
-    def close(self):
-        self.ctx.destroy(linger=0)
+    def close(self, linger=0):
+        self.ctx.destroy(linger=linger)
 
 
 def wait_ready(raw: Raw, proc=None, timeout=TIMEOUT) -> dict:
@@ -809,6 +817,7 @@ def test_unsigned_forged_and_replayed_messages_never_run(raw_kernel):
     }
     for client in attacks.values():
         client.shell.send_multipart(client.frames("execute_request", {"code": marker_code(marker)}))
+        client.close(linger=5000)  # returns once the attack is on the wire
     # A genuine request, captured and sent again: the replay must be refused.
     genuine = raw.frames("execute_request", {"code": marker_code(marker), "silent": False})
     raw.shell.send_multipart(genuine)
@@ -818,8 +827,6 @@ def test_unsigned_forged_and_replayed_messages_never_run(raw_kernel):
     assert reply["content"]["status"] == "ok"
     with open(marker) as f:
         assert f.read() == "x"  # once: only the genuine request ran
-    for client in attacks.values():
-        client.close()
     log = stop(proc)
     assert log.count("unsigned message") == 1
     assert log.count("bad signature") == 1
@@ -981,14 +988,16 @@ def test_ipc_transport(tmp_path):
         km.shutdown_kernel(now=True)
 
 
-def test_kernel_exits_when_its_launcher_dies(tmp_path):
+@pytest.mark.parametrize("stderr", ["DEVNULL", "PIPE"])
+def test_kernel_exits_when_its_launcher_dies(tmp_path, stderr):
+    "Even when its stderr dies with the launcher (a pipe, or a console's terminal)."
     path = tmp_path / "k.json"
     launcher = subprocess.Popen(
         [sys.executable, "-c",
          "import os, subprocess, sys, time\n"
          "env = {**os.environ, 'JPY_PARENT_PID': str(os.getpid())}\n"
          f"p = subprocess.Popen([sys.executable, {KERNEL!r}, '-f', {str(path)!r}], env=env,\n"
-         "                      stdout=subprocess.DEVNULL)\n"
+         f"                      stdout=subprocess.DEVNULL, stderr=subprocess.{stderr})\n"
          "print(p.pid, flush=True)\n"
          "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     pid = int(launcher.stdout.readline())
@@ -1486,7 +1495,7 @@ def test_other_frontend_output_shown_at_prompt(any_kernel, env):
         child.expect(r"\[other frontend\] In \[(\d+)\]: print\('from elsewhere'\)", timeout=5)
         theirs = int(child.match.group(1))
         child.expect_exact("[other frontend] from elsewhere", timeout=5)
-        child.expect_exact("y = 12")  # the prompt and the half-typed line, redrawn
+        child.expect_exact(f"In [{theirs + 1}]: y = 12")  # renumbered, half-typed line kept
     finally:
         other.stop_channels()
     child.sendline("3")
@@ -1659,12 +1668,264 @@ def test_wire_format_identical_in_both_files():
     assert wire(CONSOLE) == wire(KERNEL)
 
 
+################ notebook_demo.ipynb, run by nbclient on the minikernel kernelspec
+
+# The notebook runs as a Jupyter server runs one: the connection file is in the runtime dir.
+# Then its outputs are checked against the kernel that made them. To save it with fresh
+# outputs after editing it: python test_mini.py
+
+NOTEBOOK = os.path.join(HERE, "notebook_demo.ipynb")
+README = os.path.join(HERE, "README.md")
+KERNELSPEC = {"name": "minikernel", "display_name": "Python 3 (minikernel)", "language": "python"}
+
+
+def run_notebook(nb, runtime_dir: str) -> dict:
+    """Run nb in place on minikernel, as a Jupyter server would: the connection file is
+    runtime_dir/kernel-<id>.json, and each cell keeps the kernel's own execution_count (nbclient
+    would renumber them 1, 2, 3...). Returns the connection file's contents, and its path."""
+    path = os.path.join(runtime_dir, f"kernel-{uuid.uuid4()}.json")
+    client = NotebookClient(
+        nb, kernel_name="minikernel", timeout=60, startup_timeout=30, record_timing=False,
+        resources={"metadata": {"path": HERE}},
+        config=Config({"KernelManager": {"connection_file": path}}))
+    conn = {}
+
+    def on_start(notebook):  # the kernel is up, its connection file written
+        with open(client.km.connection_file) as f:
+            conn.update(json.load(f), path=client.km.connection_file)
+
+    def on_executed(cell, cell_index, execute_reply):
+        cell.execution_count = execute_reply["content"]["execution_count"]
+
+    client.on_notebook_start, client.on_cell_executed = on_start, on_executed
+    client.execute()
+    nb.metadata.kernelspec = dict(KERNELSPEC)
+    return conn
+
+
+def save_with_outputs():
+    "Run notebook_demo.ipynb and save it with its outputs: python test_mini.py."
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for name in ("TMUX", "DISPLAY"):  # %console prints its command, opens no window
+        os.environ.pop(name, None)
+    run_notebook(nb, os.environ["JUPYTER_RUNTIME_DIR"])
+    nbformat.validate(nb)
+    nbformat.write(nb, NOTEBOOK)
+    print(f"saved {NOTEBOOK} with outputs")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    "The notebook, run once: (executed notebook, connection info of the kernel that ran it)."
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TMUX", raising=False)  # else %console opens a tmux window
+        mp.delenv("DISPLAY", raising=False)
+        conn = run_notebook(nb, os.environ["JUPYTER_RUNTIME_DIR"])
+    return nb, conn
+
+
+def cell(nb, source_start: str):
+    "The one code cell whose source starts with source_start."
+    found = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
+    assert len(found) == 1, f"{len(found)} code cells start with {source_start!r}"
+    return found[0]
+
+
+def stdout(c) -> str:
+    "A notebook cell's stdout."
+    return "".join(o.text for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def errors(c) -> list:
+    "A notebook cell's error outputs."
+    return [o for o in c.outputs if o.output_type == "error"]
+
+
+def tagged(c) -> bool:
+    "The cell is meant to raise."
+    return "raises-exception" in c.metadata.get("tags", [])
+
+
+################ The notebook
+
+
+def test_saved_notebook_is_valid_names_minikernel_and_has_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec == KERNELSPEC
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) >= 8
+    assert all(isinstance(c.execution_count, int) for c in code), "saved without running"
+    assert sum(bool(c.outputs) for c in code) >= 8
+
+
+def test_saved_outputs_match_a_fresh_run(demo):
+    "The saved outputs are those the cells make now: same kinds, in the same cells."
+    def kinds(nb):
+        return [[(o.output_type, o.get("name") or o.get("ename")) for o in c.outputs]
+                for c in nb.cells if c.cell_type == "code"]
+    fresh, _ = demo
+    saved = nbformat.read(NOTEBOOK, as_version=4)
+    assert [c.source for c in saved.cells] == [c.source for c in fresh.cells]
+    assert kinds(saved) == kinds(fresh), "run `python test_mini.py` to save fresh outputs"
+
+
+def test_no_cell_errors_unless_tagged_and_tagged_cells_do(demo):
+    nb, _ = demo
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert sum(tagged(c) for c in code) == 2
+    for c in code:
+        assert bool(errors(c)) == tagged(c), c.source
+
+
+def test_kernel_was_started_with_its_connection_file(demo):
+    nb, conn = demo
+    out = stdout(cell(nb, "import os\nimport sys"))
+    assert f"minikernel.py -f {conn['path']}" in out
+
+
+def test_notebook_connect_info_shows_its_kernels_ports_and_key(demo):
+    nb, conn = demo
+    out = stdout(cell(nb, "%connect_info"))
+    shown = json.loads(out[: out.index("\n}\n") + 2])  # the JSON comes first
+    for field in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "ip",
+                  "key", "transport", "signature_scheme", "kernel_name"):
+        assert shown[field] == conn[field], field
+    assert f"Connection file: {conn['path']}" in out
+    name = os.path.basename(conn["path"])[len("kernel-"):][:8]
+    assert f"python miniconsole.py --existing {name} " in out  # in the runtime dir: short forms
+
+
+def test_existing_finds_this_kernel_by_path_part_and_no_name(demo):
+    nb, conn = demo
+    out = stdout(cell(nb, "import miniconsole"))
+    assert out.count("finds this kernel") == 3, out
+    assert f"--existing {conn['path']}\n" in out
+
+
+def test_console_magic_prints_the_command_for_this_kernel(demo):
+    nb, conn = demo
+    out = stdout(cell(nb, "%console"))
+    assert "No tmux or terminal window" in out
+    assert f"miniconsole.py --existing {conn['path']}" in out
+
+
+def test_two_frontends_share_the_namespace_and_the_count(demo):
+    nb, _ = demo
+    start, read = cell(nb, "import subprocess"), cell(nb, "print(other.communicate")
+    assert stdout(start) == "the other frontend sent its request\n"
+    out = stdout(read)
+    assert "it received stream: \"there, shared is 'set in the notebook'\\n\"" in out
+    assert "here, from_there is 'SET IN THE NOTEBOOK'" in out
+    assert read.execution_count == start.execution_count + 2  # the other frontend's took one
+
+
+def test_input_without_stdin_fails_at_once_with_a_clear_error(demo):
+    nb, _ = demo
+    (error,) = errors(cell(nb, "name = input("))
+    assert error.ename == "StdinNotImplementedError"
+    assert "allow_stdin=False" in error.evalue
+
+
+def test_traceback_shows_the_cells_lines(demo):
+    nb, _ = demo
+    define, call = cell(nb, "def half(n):"), cell(nb, "half(4)")
+    (error,) = errors(call)
+    assert error.ename == "ZeroDivisionError"
+    text = "\n".join(error.traceback)
+    assert f"Cell In[{define.execution_count}], line 3, in half" in text
+    assert "minikernel.py" not in text
+
+
+def test_help_travels_as_a_page_payload(demo):
+    nb, _ = demo
+    out = stdout(cell(nb, "half?"))
+    assert out.startswith("page payload:\nType:      function\nSignature: half(n)\n")
+    assert "Half of n." in out
+
+
+def test_jupyter_execute_runs_it_clean():
+    "The README's command: plain nbclient, its connection file in a temporary file."
+    r = subprocess.run(["jupyter", "execute", NOTEBOOK], cwd=HERE, capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+################ The README
+
+
+def readme() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def test_readme_maps_every_section_in_reading_order():
+    text = readme()
+    walkthrough = text[text.index("## A map of the walkthrough"):]
+    for script in ("minikernel.py", "miniconsole.py"):
+        with open(os.path.join(HERE, script)) as f:
+            banners = re.findall(r"^################ (.+)$", f.read(), re.M)
+        part = walkthrough[walkthrough.index(f"### {script}"):]
+        part = part[: part.find("\n## ", 1) % len(part)]  # up to the next section, if any
+        part = part[: part.find("\n### ", 1) % len(part)]
+        where = [part.find(f"**{b}") for b in banners]
+        missing = [b for b, i in zip(banners, where) if i < 0]
+        assert not missing, f"README map lacks these {script} sections: {missing}"
+        assert where == sorted(where), f"README map has {script}'s sections out of order"
+
+
+def protocol_table() -> dict:
+    "README's protocol table: {msg_type: its minikernel column (yes, no or refused)}."
+    text = readme()
+    table = text[text.index("## Protocol coverage"):]
+    table = table[table.index("\n|"):]
+    table = table[: table.index("\n\n")]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:  # skip the header and the |---| line
+        first, _, mark, *_ = [cell.strip() for cell in line.strip("|").split("|")]
+        for name in re.findall(r"`(\w+)`", first):
+            rows[name] = mark
+    return rows
+
+
+def test_readme_protocol_table_matches_the_kernels_handlers():
+    sys.path.insert(0, HERE)
+    import minikernel  # importing it starts nothing
+
+    rows = protocol_table()
+    assert set(rows.values()) <= {"yes", "no", "refused"}, set(rows.values())
+    handled = set(minikernel.SHELL_HANDLERS) | set(minikernel.CONTROL_HANDLERS)
+    for msg_type in handled:
+        assert rows.get(msg_type, "no") != "no", f"{msg_type} is handled; the README says no"
+    for msg_type, mark in rows.items():
+        if msg_type.endswith("_request") and mark == "no":
+            assert msg_type not in handled, f"{msg_type} is handled; the README says no"
+    spec = {  # every message type of the messaging spec 5.5 (and ipykernel's usage_request)
+        "execute_request", "execute_reply", "inspect_request", "inspect_reply",
+        "complete_request", "complete_reply", "history_request", "history_reply",
+        "is_complete_request", "is_complete_reply", "comm_info_request", "comm_info_reply",
+        "kernel_info_request", "kernel_info_reply", "connect_request", "connect_reply",
+        "shutdown_request", "shutdown_reply", "interrupt_request", "interrupt_reply",
+        "debug_request", "debug_reply", "create_subshell_request", "create_subshell_reply",
+        "delete_subshell_request", "delete_subshell_reply", "list_subshell_request",
+        "list_subshell_reply", "usage_request", "usage_reply", "input_request", "input_reply",
+        "status", "execute_input", "stream", "display_data", "update_display_data",
+        "execute_result", "error", "clear_output", "iopub_welcome", "debug_event", "comm_open",
+        "comm_msg", "comm_close"}
+    assert not spec - set(rows), f"missing from the README's table: {sorted(spec - set(rows))}"
+
+
+def test_readme_keeps_a_performance_section_for_the_benchmark():
+    assert "\n## Performance\n" in readme()
+
+
 ################ The project's ground
 
 
 def readme_commands() -> list:
     "The shell commands in the README's code blocks, in order."
-    with open(os.path.join(HERE, "README.md")) as f:
+    with open(README) as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
     return [line for block in blocks for line in block.splitlines() if line.strip()]
 
@@ -1686,3 +1947,7 @@ def test_ci_runs_the_readme_test_command():
         ci = f.read()
     assert "pytest" in run_tests
     assert run_tests in ci.splitlines()
+
+
+if __name__ == "__main__":
+    save_with_outputs()
