@@ -466,7 +466,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
                                    "metadata": metadata}, kernel["parent"]["header"])
         return None, data["text/plain"]
     except BaseException as e:  # the user's KeyboardInterrupt and SystemExit included
-        kernel["running"] = False
+        kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
         error = error_content(e)
