@@ -195,11 +195,16 @@ def from_frames(session: dict, frames: list) -> dict:
         session["order"].append(signature)
         if len(session["order"]) > REPLAY_MEMORY:
             session["seen"].discard(session["order"].popleft())
-    msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8 raises ValueError
+    try:
+        msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not all(isinstance(msg[k], dict) for k in DICTS):
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
+    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
+        raise ValueError("header values must be plain strings or numbers")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
 
@@ -466,9 +471,12 @@ def show_reply(con: Console, reply: dict) -> None:
     con.failed |= content.get("status") != "ok"
     if isinstance(content.get("execution_count"), int):
         con.count = content["execution_count"] + 1
-    for payload in content.get("payload", []):  # e.g. {"source": "page", "data": {...}} for obj?
-        if payload.get("source") == "page":
-            write(con, "stdout", bundle(payload.get("data", {})) + "\n")
+    try:  # e.g. [{"source": "page", "data": {"text/plain": "..."}}] for obj?
+        pages = [bundle(p["data"]) for p in content.get("payload", []) if p["source"] == "page"]
+    except (KeyError, TypeError, AttributeError) as e:
+        return write(con, "stderr", f"miniconsole: could not show the reply's payload: {e!r}\n")
+    for page in pages:
+        write(con, "stdout", page + "\n")
 
 
 ################ Output: what each iopub msg_type looks like on a terminal
@@ -499,6 +507,10 @@ OUTPUT = {  # msg_type: (content, tty) -> (stdout or stderr, text)
 }
 
 
+SILENT = {"status", "iopub_welcome", "comm_open", "comm_msg", "comm_close", "debug_event",
+          "shutdown_reply"}  # known iopub types with nothing to show on a terminal
+
+
 def on_iopub(con: Console, msg: dict) -> None:
     "One iopub message: note our idle, follow the execution_count, show the output."
     kind, content, parent = msg["header"]["msg_type"], msg["content"], msg["parent_header"]
@@ -507,12 +519,16 @@ def on_iopub(con: Console, msg: dict) -> None:
         con.idle = con.idle or content.get("execution_state") == "idle"
     if kind == "execute_input" and isinstance(content.get("execution_count"), int):
         con.count = content["execution_count"] + 1  # any frontend's cell moves the count on
+    if kind not in OUTPUT and kind not in SILENT:
+        return write(con, "stderr", f"miniconsole: dropped an iopub {kind!r}: unknown type\n")
     if kind not in OUTPUT or (theirs and (not con.others or kind == "clear_output")):
         return
     if kind == "execute_input" and not theirs:  # we know what we typed
         return
     try:
         stream, text = OUTPUT[kind](content, con.tty)
+        if not isinstance(text, str):
+            raise TypeError(f"its text is a {type(text).__name__}")
     except (KeyError, TypeError, AttributeError) as e:
         return write(con, "stderr", f"miniconsole: could not show a {kind} message: {e!r}\n")
     if theirs:  # whole lines, each marked

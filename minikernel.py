@@ -67,6 +67,8 @@ kernel = {
     "history": [],  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
+    "interrupted": False,  # a SIGINT is waiting to be raised in user code
+    "sending": False,  # the main thread is between the frames of a message: no raising now
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
@@ -122,6 +124,9 @@ def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
         sock = sockets[name] = ctx.socket(kind)
         if kind == zmq.ROUTER:  # a frontend that reconnects with the same identity takes over
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if name == "stdin":  # read only while input() waits: hold one message, not a thousand
+            sock.setsockopt(zmq.RCVHWM, 1)  # (set before bind, or connections keep the default)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # fail fast if nobody listens for input
         port = conn[f"{name}_port"]
         if conn["transport"] == "ipc":
             sock.bind(f"ipc://{conn['ip']}-{port}")
@@ -130,7 +135,6 @@ def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
         else:
             conn[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{conn['ip']}")
     sockets["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, not just new topics
-    sockets["stdin"].setsockopt(zmq.ROUTER_MANDATORY, 1)  # fail fast if nobody listens for input
     return sockets
 
 
@@ -208,11 +212,16 @@ def from_frames(session: dict, frames: list) -> dict:
         session["order"].append(signature)
         if len(session["order"]) > REPLAY_MEMORY:
             session["seen"].discard(session["order"].popleft())
-    msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8 raises ValueError
+    try:
+        msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not all(isinstance(msg[k], dict) for k in DICTS):
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
+    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
+        raise ValueError("header values must be plain strings or numbers")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
 
@@ -252,7 +261,7 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
     if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
         msg = new_msg(session, msg_type, content, parent)
         topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
-        iopub.send_multipart(to_frames(session, msg, [topic.encode()]))
+        send_whole(iopub, to_frames(session, msg, [topic.encode()]))
 
 
 def flush_output():
@@ -392,7 +401,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
     try:
-        stdin.send_multipart(to_frames(session, msg, parent["ids"]))
+        send_whole(stdin, to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
         raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
     while True:
@@ -452,6 +461,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
     kernel["running"] = True
     try:
+        interrupt_now()  # an interrupt that came while this request was on its way
         tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         exec(compile(tree, name, "exec"), user.__dict__)
@@ -577,11 +587,18 @@ def kernel_info_request(msg: dict) -> dict:
 
 def resolve(name: str):
     "The object a dotted name refers to in the user's namespace, found without running code."
+    import inspect  # imported on first use: help and completion need it
+
     first, *attrs = name.split(".")
     obj = user.__dict__[first] if first in user.__dict__ else getattr(builtins, first)
-    for attr in attrs:
-        obj = getattr(obj, attr)
+    for attr in attrs:  # getattr_static: a property behind a dot is named, not run
+        obj = inspect.getattr_static(obj, attr)
     return obj
+
+
+def word_before(text: str) -> str:
+    "The dotted name that ends the text: 'x = os.pa' -> 'os.pa'."
+    return re.match(r"[\w.]*", text[::-1]).group()[::-1]  # matched backwards: linear time
 
 
 def cursor(c: dict) -> int:
@@ -597,8 +614,7 @@ def complete_request(msg: dict) -> dict:
     "Tab: the names, attributes and keywords that could finish the word before the cursor."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
-    word = re.search(r"[\w.]*$", code[:pos]).group()  # "os.pa|" -> base "os", prefix "pa"
-    base, dot, prefix = word.rpartition(".")
+    base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
         names = dir(resolve(base)) if dot else [*user.__dict__, *dir(builtins), *keyword.kwlist]
     except Exception:  # nothing by that name: nothing to offer
@@ -612,10 +628,9 @@ def complete_request(msg: dict) -> dict:
 def inspect_request(msg: dict) -> dict:
     "Shift-Tab help: what `obj?` shows (detail_level 1: `obj??`), for the name at the cursor."
     code, pos = msg["content"]["code"], cursor(msg["content"])
-    name = re.search(r"[\w.]*$", code[:pos]).group() + re.match(r"\w*", code[pos:]).group()
+    name = word_before(code[:pos]) + re.match(r"\w*", code[pos:]).group()
     if not name.strip("."):  # "print(|": help on the function being called
-        called = re.search(r"([\w.]+)\(\s*$", code[:pos])
-        name = called.group(1) if called else ""
+        name = word_before(code[:pos].rstrip().removesuffix("("))
     try:
         text = describe(resolve(name.strip(".")), name, msg["content"].get("detail_level", 0))
     except Exception:
@@ -717,22 +732,26 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
         log(f"{channel}: dropped a message: {e}")
         return
     msg_type, header = msg["header"]["msg_type"], msg["header"]
+    reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
+
+    def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
+        return to_frames(session, new_msg(session, reply_type, content, header), msg["ids"])
+
     if channel == "shell":
         kernel["parent"] = msg
-    handler = handlers.get(msg_type)
     status("busy", header)
+    reply = None
     try:
-        if handler is None:
+        if msg_type not in handlers:
             log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
-            reply = None
-        else:
-            reply = handler(msg)
+        elif (content := handlers[msg_type](msg)) is not None and reply_type:
+            reply = answer(content)  # serialized here: a reply that cannot be is an error too
     except (Exception, KeyboardInterrupt) as e:  # signed, but nonsense: say so, keep serving
         log(f"{channel}: {msg_type} failed: {type(e).__name__}: {e}")
-        reply = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
-    if reply is not None and msg_type.endswith("_request"):
-        reply_msg = new_msg(session, msg_type[: -len("request")] + "reply", reply, header)
-        sock.send_multipart(to_frames(session, reply_msg, msg["ids"]))
+        error = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
+        reply = answer(error) if reply_type else None
+    if reply:
+        sock.send_multipart(reply)
     status("idle", header)
 
 
@@ -742,7 +761,9 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
-        dispatch("shell", shell, recv_interruptibly(shell), SHELL_HANDLERS)
+        frames = recv_interruptibly(shell)
+        kernel["interrupted"] = False  # one that came while idle is forgotten
+        dispatch("shell", shell, frames, SHELL_HANDLERS)
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
@@ -758,8 +779,28 @@ def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
     if kernel["exiting"]:
         raise SystemExit(0)
-    if kernel["running"]:  # idle, it is ignored: jupyter_client sends one before every shutdown
+    kernel["interrupted"] = True
+    if not kernel["sending"]:
+        interrupt_now()
+
+
+def interrupt_now():
+    "Raise the waiting interrupt, if user code runs to take it (idle, it is forgotten)."
+    if kernel["interrupted"] and kernel["running"]:
+        kernel["interrupted"] = False
         raise KeyboardInterrupt
+
+
+def send_whole(sock: zmq.Socket, frames: list):
+    "Send a message; in the main thread, an interrupt waits until its last frame is out."
+    if threading.current_thread() is not threading.main_thread():  # signals reach main only
+        return sock.send_multipart(frames)
+    kernel["sending"] = True  # raised between two frames, it would leave half a message
+    try:
+        sock.send_multipart(frames)
+    finally:
+        kernel["sending"] = False
+    interrupt_now()
 
 
 def recv_interruptibly(sock: zmq.Socket) -> list:
@@ -944,13 +985,18 @@ def serve(path: Optional[str], ip: str):
     else:
         conn = new_connection(ip)
         path = path or os.path.join(runtime_dir(), f"kernel-{uuid.uuid4()}.json")
-    if conn["ip"] not in ("127.0.0.1", "localhost", "::1") and conn["transport"] == "tcp":
+    loopback = conn["ip"].startswith("127.") or conn["ip"] == "localhost"
+    if conn["transport"] == "tcp" and not loopback:
         log(f"warning: listening on {conn['ip']}, not loopback: other machines can reach it")
     if not conn["key"]:
         log("warning: empty key, messages are not signed: anyone who can connect can run code")
     ctx = zmq.Context()
     ctx.linger = 1000  # at exit, give queued replies a second to leave
-    sockets = bind_sockets(ctx, conn)
+    try:
+        sockets = bind_sockets(ctx, conn)
+    except zmq.ZMQError as e:  # a port taken, an address not ours: say which, in one line
+        log(f"cannot listen on {conn['transport']}://{conn['ip']}: {e}")
+        sys.exit(1)
     kernel.update(sockets=sockets, connection=conn, connection_file=os.path.abspath(path),
                   session=new_session(conn["key"], conn["signature_scheme"]),
                   wrote_file=not os.path.exists(path))

@@ -8,12 +8,14 @@ Everything runs in a temporary Jupyter runtime and data dir, never the user's ow
 import atexit
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -1918,6 +1920,1830 @@ def test_readme_protocol_table_matches_the_kernels_handlers():
 
 def test_readme_keeps_a_performance_section_for_the_benchmark():
     assert "\n## Performance\n" in readme()
+
+
+################ Hardening: hostile input, faults, load and flood
+
+# Every kernel here is a real process with its stdout and stderr in files (a pipe that nobody
+# reads would block a kernel that logs thousands of dropped messages). Counts are fixed (seeded
+# random), so every run sends the same cases. Figures are printed with a FIGURE prefix: run with
+# -s to see them; HARDENING_FLOOD_SECONDS=20 runs the full flood.
+
+DELIM = b"<IDS|MSG>"
+SEED = 5  # issue 5: every run sends exactly the same cases
+FLOOD_SECONDS = float(os.environ.get("HARDENING_FLOOD_SECONDS", "4"))
+MB = 1 << 20
+
+
+def figure(name: str, value):
+    "A measured figure for the issue note: printed, and visible with pytest -s."
+    print(f"\nFIGURE {name}: {value}")
+
+
+################ Hardening: a kernel of the test's own
+
+
+def kernel_env(tmp_path, **extra) -> dict:
+    "The environment for a kernel: a private Jupyter runtime and data dir."
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    env.update(extra)
+    return env
+
+
+class Kernel:
+    """A minikernel process. Without `conn`, it writes its own connection file (free ports, a
+    random key) at `-f <tmp>/<name>.json`; with `conn`, we write that file first."""
+
+    def __init__(self, tmp_path, name="k", conn=None, args=(), env=None, preexec_fn=None):
+        self.path = tmp_path / f"{name}.json"
+        flat = name.replace("/", "_")
+        self.out_path, self.err_path = tmp_path / f"{flat}.out", tmp_path / f"{flat}.err"
+        if conn is not None:
+            ports = {f"{c}_port": free_port() for c in ("shell", "iopub", "stdin", "control",
+                                                        "hb")}
+            conn = {**ports, "ip": "127.0.0.1", "transport": "tcp",
+                    "signature_scheme": "hmac-sha256", "kernel_name": "minikernel", **conn}
+            self.path.write_text(json.dumps(conn))
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, KERNEL, "-f", str(self.path), *args], stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, env=env or kernel_env(tmp_path), preexec_fn=preexec_fn)
+        self.conn = conn or self.read_connection()
+        self.pid = self.proc.pid
+
+    def read_connection(self) -> dict:
+        "The connection file the kernel writes once its sockets are bound."
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the kernel died at startup: {self.log()}")
+            try:
+                conn = json.loads(self.path.read_text())
+                if all(conn.get(f"{c}_port") for c in ("shell", "iopub", "stdin", "control")):
+                    return conn
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        raise TimeoutError("the kernel wrote no connection file")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        "Everything the kernel wrote on stderr so far."
+        return self.err_path.read_text(errors="replace")
+
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def stop(self) -> int:
+        "SIGTERM, then SIGKILL after 5 s; the exit code."
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+
+
+@pytest.fixture()
+def hard_kernel(tmp_path):
+    k = Kernel(tmp_path)
+    yield k
+    k.stop()
+
+
+################ Hardening: a raw client
+
+
+def pack(obj) -> bytes:
+    "JSON as a kernel reads it; unlike Session.pack it takes NaN and lone surrogates (escaped)."
+    return json.dumps(obj, default=str).encode()
+
+
+class Client:
+    """A frontend on raw pyzmq sockets. Like jupyter_client, its shell, control and stdin DEALERs
+    share one ZMQ identity (its session id), so the kernel's input_request reaches its stdin."""
+
+    def __init__(self, conn: dict, key=None, channels=("shell", "control", "stdin", "iopub")):
+        self.ctx = zmq.Context()
+        key = conn["key"] if key is None else key
+        self.session = Session(key=key.encode() if isinstance(key, str) else key,
+                               username="hardening")
+        self.conn = conn
+        self.stash = []  # replies that arrived while waiting for another
+        self.nudges = set()  # msg_ids of wait_ready's kernel_info_requests
+        for name in channels:
+            kind = zmq.SUB if name == "iopub" else zmq.DEALER
+            sock = self.ctx.socket(kind)
+            sock.linger = 0
+            if kind == zmq.SUB:
+                sock.rcvhwm = 0  # the client never drops: if output is lost, the kernel lost it
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            else:
+                sock.setsockopt(zmq.IDENTITY, self.session.bsession)
+            sock.connect(f"tcp://{conn['ip']}:{conn[name + '_port']}")
+            setattr(self, name, sock)
+
+    def header(self, msg_type: str, **extra) -> dict:
+        return {**json.loads(pack(self.session.msg_header(msg_type))), **extra}
+
+    def frames(self, msg_type: str, content=None, parent=None, **header_extra) -> list:
+        "A correctly signed message, as frames; the header may carry extra fields."
+        return self.sign_parts(self.header(msg_type, **header_extra), parent or {}, {},
+                               {} if content is None else content)
+
+    def sign_parts(self, header, parent, metadata, content, raw=False) -> list:
+        "[<IDS|MSG>, signature, four parts]: dicts are packed, or taken as bytes when raw."
+        parts = [p if raw else pack(p) for p in (header, parent, metadata, content)]
+        return [DELIM, self.session.sign(parts), *parts]
+
+    def send(self, sock, msg_type: str, content=None, **header_extra) -> str:
+        frames = self.frames(msg_type, content, **header_extra)
+        sock.send_multipart(frames)
+        return json.loads(frames[2])["msg_id"]
+
+    def recv(self, sock, timeout=TIMEOUT) -> dict:
+        "One message, signature checked by the reference Session."
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError("nothing received")
+        _, frames = self.session.feed_identities(sock.recv_multipart())
+        return self.session.deserialize(frames)
+
+    def reply(self, sock, msg_id: str, timeout=TIMEOUT) -> dict:
+        "The reply to msg_id; other replies are kept in self.stash."
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(sock, max(0.0, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+            self.stash.append(msg)
+
+    def request(self, msg_type: str, content=None, sock=None, timeout=TIMEOUT) -> dict:
+        sock = self.shell if sock is None else sock
+        return self.reply(sock, self.send(sock, msg_type, content), timeout)
+
+    def execute(self, code: str, timeout=TIMEOUT, answers=(), everything=None, **kw) -> tuple:
+        "Run a cell: (reply content, [(msg_type, content)] of its iopub messages up to idle)."
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": bool(answers), "stop_on_error": True, **kw}
+        msg_id = self.send(self.shell, "execute_request", content)
+        return self.collect(msg_id, timeout, answers, everything)
+
+    def collect(self, msg_id, timeout=TIMEOUT, answers=(), everything=None):
+        """The reply to an execute_request and its outputs, answering input requests in order;
+        `everything`, if given, gets every iopub message seen, whatever its parent."""
+        answers, outputs, reply = list(answers), [], None
+        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        for sock in (self.shell, self.iopub, self.stdin):
+            poller.register(sock, zmq.POLLIN)
+        idle = False
+        while reply is None or not idle:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"execute: reply={reply is not None}, idle={idle}")
+            ready = dict(poller.poll(left * 1000))
+            if self.stdin in ready:
+                msg = self.recv(self.stdin)
+                self.stdin.send_multipart(self.frames("input_reply", {"value": answers.pop(0)},
+                                                      parent=msg["header"]))
+            if self.shell in ready:
+                msg = self.recv(self.shell)
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    reply = msg["content"]
+                else:
+                    self.stash.append(msg)
+            if self.iopub in ready:
+                msg = self.recv(self.iopub)
+                if everything is not None:
+                    everything.append(msg)
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    outputs.append((msg["msg_type"], msg["content"]))
+                    idle = msg["content"].get("execution_state") == "idle"
+        return reply, outputs
+
+    def wait_ready(self, hard_kernel=None, timeout=TIMEOUT):
+        "Nudge with kernel_info_request until there is a reply and iopub is subscribed."
+        deadline = time.monotonic() + timeout
+        replied = subscribed = False
+        while time.monotonic() < deadline and not (replied and subscribed):
+            if hard_kernel is not None and not hard_kernel.alive():
+                raise RuntimeError(f"the kernel died: {hard_kernel.log()}")
+            if not replied:
+                frames = self.frames("kernel_info_request")
+                self.nudges.add(json.loads(frames[2])["msg_id"])
+                self.shell.send_multipart(frames)
+                replied = bool(self.shell.poll(200)) and bool(self.shell.recv_multipart())
+            while hasattr(self, "iopub") and self.iopub.poll(50):
+                self.iopub.recv_multipart()
+                subscribed = True
+            subscribed = subscribed or not hasattr(self, "iopub")
+        if not (replied and subscribed):
+            raise TimeoutError("the kernel never answered kernel_info_request")
+
+    def drain_iopub(self) -> list:
+        "Every iopub message waiting now, each checked: well formed and correctly signed."
+        msgs = []
+        while self.iopub.poll(0):
+            msgs.append(checked(self.session, self.iopub.recv_multipart()))
+        return msgs
+
+    def close(self):
+        self.ctx.destroy(linger=0)
+
+
+def checked(session: Session, frames: list) -> dict:
+    "An iopub message parsed by hand, asserting its shape and signature (no replay check)."
+    assert frames.count(DELIM) == 1, f"not one delimiter: {[f[:40] for f in frames]}"
+    i = frames.index(DELIM)
+    assert len(frames) == i + 6, f"{len(frames) - i - 1} frames after the delimiter"
+    assert session.sign(frames[i + 2:i + 6]) == frames[i + 1], "bad signature from the kernel"
+    return dict(zip(("header", "parent_header", "metadata", "content"),
+                    map(json.loads, frames[i + 2:i + 6])))
+
+
+def ping(conn: dict, timeout=2.0) -> bool:
+    "One heartbeat round trip."
+    ctx = zmq.Context()
+    try:
+        req = ctx.socket(zmq.REQ)
+        req.linger = 0
+        req.connect(f"tcp://{conn['ip']}:{conn['hb_port']}")
+        req.send(b"ping")
+        return bool(req.poll(timeout * 1000)) and req.recv() == b"ping"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def assert_serving(k: Kernel, c: Client):
+    "The kernel is alive and answers on every channel: shell, control, an execute, heartbeat."
+    assert k.alive(), f"the kernel died: {k.log()[-2000:]}"
+    assert c.request("kernel_info_request")["content"]["status"] == "ok"
+    assert c.request("kernel_info_request", sock=c.control)["content"]["status"] == "ok"
+    reply, outputs = c.execute("6 * 7")
+    assert reply["status"] == "ok", reply
+    assert ("execute_result", "42") in [(t, o.get("data", {}).get("text/plain"))
+                                        for t, o in outputs]
+    assert ping(k.conn)
+
+
+def proof_code(path) -> str:
+    "Code whose only effect is to leave a file behind: the proof that it ran."
+    return f"open({str(path)!r}, 'a').write('ran\\n')"
+
+
+def wait_for(predicate, timeout=TIMEOUT, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+################ Hardening: fuzz, thousands of malformed messages on shell, control and stdin
+
+# Each case is (frames, expectation). Expectations:
+#   ("drop",)                 never acted upon: exactly one "<channel>: dropped a message" line
+#   ("reply", case, type, e)  a reply of that type to the case; e: its status must be an error
+#   ("unknown",)              a signed message of a type nobody handles: one log line, no reply
+#   ("quiet",)                signed and handled without a reply (comm messages, input_reply...)
+# Every forged execute carries marker code, so a forged message that ran leaves a file.
+
+SAFE_CODE = ["1", "", "pass", "1/0", "x = (", "'\\udcff'", "\x00", "(" * 300,
+             "raise KeyboardInterrupt", "raise SystemExit(3)", "print('fuzz')", "%nosuchmagic",
+             "nothing_here?", "\ud800", "-" * 5000 + "1", "#" + "é" * 1000, "def f(:", "é = 1",
+             "\t\tx", "a" * 3000]
+
+
+def junk(rng: random.Random, depth=0):
+    "A random JSON value: wrong types, huge and odd numbers, odd text, nested containers."
+    kind = rng.randrange(12 if depth < 3 else 8)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, -1, 1, 7, 2**31, 2**63, -(2**63) - 1, 10**40, -(10**300)])
+    if kind == 3:
+        return rng.choice([0.5, -0.0, 1e308, float("nan"), float("inf"), -float("inf")])
+    if kind in (4, 5):
+        return random_text(rng)
+    if kind == 6:
+        return rng.choice(["", "\x00", "\ud800", "\udcff", "é", "😀", "\u202e", "a\nb", "%%"])
+    if kind == 7:
+        return rng.choice(SAFE_CODE)
+    if kind in (8, 9):
+        return [junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {random_text(rng, 8): junk(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def random_text(rng: random.Random, n=30) -> str:
+    "Printable ASCII mostly, any code point (lone surrogates included) sometimes."
+    return "".join(chr(rng.randrange(32, 127) if rng.random() < 0.8 else rng.randrange(0x110000))
+                   for _ in range(rng.randrange(n)))
+
+
+class Fuzzer:
+    "Generates the cases for one channel, from one seed."
+
+    def __init__(self, seed: int, client: Client, other: Session, marker):
+        self.rng, self.client, self.other, self.marker = random.Random(seed), client, other, marker
+        self.next_case = 0
+
+    def case_id(self) -> int:
+        self.next_case += 1
+        return self.next_case
+
+    # -- forged, unsigned, truncated: none of these may ever be acted upon
+
+    def forged_victim(self, channel: str) -> list:
+        "A correctly signed message worth forging on this channel, before we break it."
+        msg_type, content = {
+            "shell": ("execute_request", {"code": proof_code(self.marker), "silent": False,
+                                          "store_history": True, "user_expressions": {},
+                                          "allow_stdin": False, "stop_on_error": False}),
+            "control": self.rng.choice([("shutdown_request", {"restart": False}),
+                                        ("interrupt_request", {})]),
+            "stdin": ("input_reply", {"value": "FORGED"}),
+        }[channel]
+        return self.client.frames(msg_type, content)
+
+    def forged(self, channel: str) -> list:
+        rng = self.rng
+        frames = self.forged_victim(channel)  # [DELIM, sig, header, parent, metadata, content]
+        how = rng.randrange(14)
+        if how == 0:  # random frames
+            return [rng.randbytes(rng.randrange(80)) for _ in range(rng.randint(1, 9))]
+        if how == 1:  # random frames around a delimiter
+            out = [rng.randbytes(rng.randrange(80)) for _ in range(rng.randrange(9))]
+            out.insert(rng.randrange(len(out) + 1), DELIM)
+            return out
+        if how == 2:  # no delimiter
+            return frames[1:]
+        if how == 3:  # truncated: whole frames missing
+            return frames[: rng.randint(1, 5)]
+        if how == 4:  # truncated: the content frame cut short
+            return [*frames[:5], frames[5][: rng.randrange(len(frames[5]))]]
+        if how == 5:  # unsigned
+            return [DELIM, b"", *frames[2:]]
+        if how == 6:  # signed with another connection file's key
+            return [DELIM, self.other.sign(frames[2:6]), *frames[2:]]
+        if how == 7:  # a random signature of the right shape
+            return [DELIM, rng.randbytes(32).hex().encode(), *frames[2:]]
+        if how == 8:  # a signature of random bytes, not even hex
+            return [DELIM, rng.randbytes(rng.randint(1, 100)), *frames[2:]]
+        if how == 9:  # the right signature in upper case: a different string
+            return [DELIM, frames[1].upper(), *frames[2:]]
+        if how == 10:  # one bit flipped anywhere
+            i = rng.randrange(len(frames))
+            frame = bytearray(frames[i])
+            j = rng.randrange(len(frame))
+            frame[j] ^= 1 << rng.randrange(8)
+            return [*frames[:i], bytes(frame), *frames[i + 1:]]
+        if how == 11:  # another message's valid signature
+            return [DELIM, self.client.frames("kernel_info_request")[1], *frames[2:]]
+        if how == 12:  # non-UTF-8 bytes, unsigned
+            return [DELIM, b"", b"\xff\xfe" + frames[2], b"\x80", b"{}", b"\xc3\x28" + frames[5]]
+        # signed, but bytes moved across a frame boundary: the HMAC is the same, the JSON is not
+        i = rng.randrange(2, 5)
+        k = rng.randint(1, 2)
+        return [*frames[:i], frames[i][:-k], frames[i][-k:] + frames[i + 1], *frames[i + 2:]]
+
+    # -- signed, but nonsense
+
+    def signed_garbage(self, channel: str) -> list:
+        "A valid signature over parts that are not four JSON objects with a msg_type."
+        rng, c = self.rng, self.client
+        header = c.header(rng.choice(["execute_request", "kernel_info_request", "input_reply"]))
+        parts = [pack(header), b"{}", b"{}", pack({"code": proof_code(self.marker)})]
+        how = rng.randrange(7)
+        i = rng.randrange(4)
+        if how == 0:
+            parts[i] = rng.randbytes(rng.randrange(40))
+        elif how == 1:  # not UTF-8
+            parts[i] = b'{"code": "\xff\xfe\xc3\x28"}'
+        elif how == 2:  # JSON, not an object
+            parts[i] = pack(rng.choice([[], [header], "header", 7, None, True, 1.5]))
+        elif how == 3:  # no msg_type, or not a string
+            parts[0] = pack({k: v for k, v in header.items() if k != "msg_type"} if rng.random()
+                            < 0.5 else {**header, "msg_type": rng.choice([7, None, [], {}])})
+        elif how == 4:  # trailing garbage, or an integer too long to convert
+            parts[i] = rng.choice([b"{}x", b"{} {}", b'{"a": ' + b"9" * 5000 + b"}"])
+        elif how == 5:  # empty frames
+            parts[i] = b""
+        else:  # NaN and friends in the wrong place, truncated JSON
+            parts[i] = rng.choice([b"NaN", b"-Infinity", pack(header)[:-1], b'{"a": "\\ud800'])
+        return c.sign_parts(*parts, raw=True)
+
+    def request_content(self, msg_type: str) -> tuple:
+        "Random content for a request type, and whether the reply must be an error."
+        rng = self.rng
+
+        def field(valid):
+            return valid() if rng.random() < 0.5 else junk(rng)
+
+        if msg_type == "execute_request":
+            content = {k: field(v) for k, v in [
+                ("code", lambda: rng.choice(SAFE_CODE)), ("silent", lambda: False),
+                ("store_history", lambda: rng.random() < 0.5), ("user_expressions", dict),
+                ("allow_stdin", lambda: False), ("stop_on_error", lambda: rng.random() < 0.5),
+            ] if rng.random() < 0.9}
+            if "user_expressions" in content and rng.random() < 0.2:
+                content["user_expressions"] = {"e": rng.choice(["1+1", "1/0", 5, None, "x ="])}
+            must_error = not isinstance(content.get("code"), str) or not isinstance(
+                content.get("user_expressions", {}), dict)
+            return content, must_error
+        if msg_type in ("complete_request", "inspect_request"):
+            content = {"code": field(lambda: random_text(rng, 40)),
+                       "cursor_pos": rng.choice([None, 0, 3, 10**6, -1, "2", 1.5, True, []]),
+                       "detail_level": rng.choice([0, 1, "x", None, [2]])}
+            if rng.random() < 0.2:
+                del content["cursor_pos"]
+            code, pos = content["code"], content.get("cursor_pos")
+            if isinstance(code, str) and isinstance(pos, int) and not isinstance(pos, bool):
+                pos = min(max(pos, 0), len(code)) if rng.random() < 0.3 else pos
+                content["cursor_pos"] = pos
+            valid_pos = pos is None or (isinstance(pos, int) and 0 <= pos <= len(code)) \
+                if isinstance(code, str) else False
+            return content, not valid_pos
+        if msg_type == "is_complete_request":
+            content = {"code": field(lambda: rng.choice([*SAFE_CODE, random_text(rng)]))}
+            return content, not isinstance(content["code"], str)
+        if msg_type == "history_request":
+            content = {"hist_access_type": field(lambda: rng.choice(["tail", "range", "search"])),
+                       "n": junk(rng), "start": junk(rng), "stop": junk(rng),
+                       "pattern": junk(rng), "output": junk(rng), "raw": junk(rng),
+                       "session": junk(rng), "unique": junk(rng)}
+            return content, content["hist_access_type"] not in ("tail", "range", "search")
+        if msg_type == "interrupt_request":  # on control: idle, it is harmless
+            return ({"x": junk(rng)} if rng.random() < 0.3 else {}), False
+        return {random_text(rng, 8): junk(rng) for _ in range(rng.randrange(3))}, False
+
+    def signed_nonsense(self, channel: str):
+        "Valid signature, JSON objects, a msg_type; the rest anything."
+        rng, c = self.rng, self.client
+        case = self.case_id()
+        junk_header = {random_text(rng, 6): junk(rng) for _ in range(rng.randrange(3))}
+        header = {**c.header("x"), **junk_header, "fuzz_case": case}
+        if rng.random() < 0.1:
+            header = {"msg_type": "x", "fuzz_case": case}  # no msg_id, session, date...
+        parent = rng.choice([{}, {"msg_id": random_text(rng)}, {"x": junk(rng)}])
+        metadata = rng.choice([{}, {"deletedCells": junk(rng)}, {random_text(rng, 5): 1}])
+        kinds = {"shell": ["execute_request", "complete_request", "inspect_request",
+                           "is_complete_request", "history_request", "kernel_info_request",
+                           "comm_info_request", "comm_open", "comm_msg", "comm_close", "unknown"],
+                 "control": ["kernel_info_request", "interrupt_request", "execute_request",
+                             "unknown"],
+                 "stdin": ["execute_request", "kernel_info_request", "unknown"]}[channel]
+        msg_type = rng.choice(kinds)
+        buffers = [rng.randbytes(rng.randrange(20)) for _ in range(rng.choice([0, 0, 0, 2]))]
+        ids = [rng.randbytes(rng.randint(1, 8))] if rng.random() < 0.1 else []  # fake routing
+        if msg_type == "unknown":
+            msg_type = rng.choice([random_text(rng, 12), "frobnicate_request", "shutdown_reply",
+                                   "execute_reply", "\ud800_request", "", "input_request"])
+            expect = ("quiet",) if channel == "stdin" else ("unknown",)  # stdin: ignored
+            content = {"x": junk(rng)} if rng.random() < 0.2 else {}
+        elif channel == "stdin":  # signed, but not an input_reply: ignored while input() waits
+            content, expect = {"code": proof_code(self.marker)}, ("quiet",)
+        elif msg_type in ("comm_open", "comm_msg", "comm_close"):
+            content = {k: junk(rng) for k in ("comm_id", "target_name", "data")
+                       if rng.random() < 0.7}
+            expect = ("quiet",)
+        elif channel != "shell" and msg_type == "execute_request":
+            # Signed, but not a control or stdin message: logged as unknown, never run.
+            content = {"code": proof_code(self.marker)}
+            expect = ("unknown",)
+        else:
+            content, must_error = self.request_content(msg_type)
+            expect = ("reply", case, msg_type.replace("_request", "_reply"), must_error)
+        header["msg_type"] = msg_type
+        if any(isinstance(v, (dict, list, tuple)) for v in header.values()):
+            expect = ("drop",)  # the header is echoed in every reply: it must be flat
+        frames = c.sign_parts(header, parent, metadata, content)
+        return [*ids, *frames, *buffers], expect
+
+    def case(self, channel: str):
+        "One case: mostly forged (a third), signed garbage, or signed nonsense."
+        r = self.rng.random()
+        if r < 0.45:
+            return self.forged(channel), ("drop",)
+        if r < 0.6:
+            return self.signed_garbage(channel), ("drop",)
+        return self.signed_nonsense(channel)
+
+
+def replies_by_case(msgs: list) -> dict:
+    "Replies keyed by the fuzz case number their parent header carries."
+    out = {}
+    for msg in msgs:
+        case = msg["parent_header"].get("fuzz_case")
+        assert case is not None, f"a reply nobody asked for: {msg['msg_type']}"
+        assert case not in out, f"two replies to case {case}"
+        out[case] = msg
+    return out
+
+
+def check_replies(expected: dict, got: dict) -> int:
+    """Each reply-expecting case got exactly one reply of the right type; errors where due.
+    Returns how many replies were errors."""
+    assert sorted(got) == sorted(expected), (
+        f"missing replies {sorted(set(expected) - set(got))[:10]}, "
+        f"unexpected {sorted(set(got) - set(expected))[:10]}")
+    for case, (reply_type, must_error) in expected.items():
+        msg = got[case]
+        assert msg["msg_type"] == reply_type, (case, msg["msg_type"])
+        status = msg["content"].get("status")
+        if must_error:
+            assert status in ("error", "aborted"), (case, msg["content"])
+        else:
+            assert status in ("ok", "error", "aborted", "complete", "incomplete", "invalid",
+                              "unknown"), (case, msg["content"])
+    return sum(m["content"].get("status") in ("error", "aborted") for m in got.values())
+
+
+FUZZ_COUNTS = {"shell": (10, 500), "control": (6, 400), "stdin": (6, 250)}  # batches x cases
+fuzz_totals = {"cases": 0}  # over the whole run, for the report
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("channel", ["shell", "control", "stdin"])
+def test_fuzz(tmp_path, channel):
+    """Thousands of forged, truncated, garbled and nonsense messages on one channel. After each
+    batch the kernel is alive and serving, nothing forged ran, every signed request got its
+    reply (an error where it was nonsense), and every dropped message left one log line."""
+    k = Kernel(tmp_path)
+    other = Kernel(tmp_path, name="other")  # a real second connection file, for its key
+    c = Client(k.conn)
+    marker = tmp_path / "forged-ran"
+    try:
+        c.wait_ready(k)
+        fuzz = Fuzzer(SEED + ["shell", "control", "stdin"].index(channel), c,
+                      Session(key=other.conn["key"].encode()), marker)
+        batches, per_batch = FUZZ_COUNTS[channel]
+        sock = getattr(c, channel)
+        drops = unknown = sent = replied = errors = 0
+        for batch in range(batches):
+            if channel == "stdin":  # stdin is only read while input() waits
+                cell = c.send(c.shell, "execute_request", {
+                    "code": "value = input('fuzz> ')\nvalue", "allow_stdin": True,
+                    "silent": False, "store_history": True, "user_expressions": {},
+                    "stop_on_error": True})
+                request = c.recv(c.stdin)
+                assert request["content"]["prompt"] == "fuzz> "
+            expected = {}
+            for _ in range(per_batch):
+                frames, expect = fuzz.case(channel)
+                sock.send_multipart(frames)
+                sent += 1
+                if expect[0] == "drop":
+                    drops += 1
+                elif expect[0] == "unknown":
+                    unknown += 1
+                elif expect[0] == "reply":
+                    expected[expect[1]] = expect[2:]
+            if channel == "stdin":
+                answer = f"genuine {batch}"
+                c.stdin.send_multipart(c.frames("input_reply", {"value": answer},
+                                                parent=request["header"]))
+                reply, outputs = c.collect(cell)
+                assert reply["status"] == "ok", reply
+                results = [o["data"]["text/plain"] for t, o in outputs if t == "execute_result"]
+                assert results == [repr(answer)]  # no forged input_reply was taken
+            assert_serving(k, c)  # the shell's and control's replies queue behind the fuzz
+            if channel != "stdin":
+                errors += check_replies(expected, replies_by_case(c.stash))
+                replied += len(expected)
+            c.stash.clear()
+            c.drain_iopub()  # every iopub message the fuzz caused is well formed and signed
+            assert not marker.exists(), "a forged message was executed"
+        assert wait_for(lambda: k.log().count(f"{channel}: dropped a message") >= drops, 5)
+        log = k.log()
+        assert log.count(f"{channel}: dropped a message") == drops
+        assert log.count(f"{channel}: unknown msg_type") == unknown
+        assert "Traceback" not in log
+        assert k.conn["key"] not in log + k.out()
+        assert k.alive()
+        fuzz_totals["cases"] += sent
+        figure(f"fuzz {channel}", f"{sent} cases: {drops} dropped with a log line, {unknown} "
+               f"unknown types logged, {replied} signed requests answered ({errors} errors); "
+               "0 deaths, 0 forged executions; "
+               f"running total {fuzz_totals['cases']} cases")
+    finally:
+        c.close()
+        k.stop()
+        other.stop()
+
+
+@pytest.mark.timeout(60)
+def test_fuzz_50mb_frames(hard_kernel, tmp_path):
+    "A 50 MB frame on each channel: forged, signed garbage, and a genuine 50 MB request."
+    c = Client(hard_kernel.conn)
+    marker = tmp_path / "forged-ran"
+    big = b"\xfe\xff" * (25 * MB)  # 50 MB, not UTF-8
+    try:
+        c.wait_ready(hard_kernel)
+        base = hard_kernel.rss()
+        # shell: a forged execute whose content frame is 50 MB of marker code
+        code = proof_code(marker) + "#" + "x" * (50 * MB)
+        frames = c.frames("execute_request", {"code": code})
+        c.shell.send_multipart([DELIM, b"0" * 64, *frames[2:]])
+        # control: 50 MB of signed garbage
+        c.control.send_multipart(c.sign_parts(pack(c.header("kernel_info_request")), b"{}",
+                                              b"{}", big, raw=True))
+        # stdin, while input() waits: a 50 MB unsigned reply, then the genuine one
+        cell = c.send(c.shell, "execute_request", {"code": "v = input()\nlen(v)",
+                                                   "allow_stdin": True})
+        request = c.recv(c.stdin)
+        c.stdin.send_multipart([DELIM, b"", *c.frames("input_reply", {"value": "x"},
+                                                      parent=request["header"])[2:5], big])
+        c.stdin.send_multipart(c.frames("input_reply", {"value": "y" * (50 * MB)},
+                                        parent=request["header"]))
+        reply, outputs = c.collect(cell, timeout=30)
+        assert [o["data"]["text/plain"] for t, o in outputs if t == "execute_result"] == [
+            str(50 * MB)]
+        # shell: a genuine 50 MB request gets its reply
+        reply = c.request("is_complete_request", {"code": "#" + "x" * (50 * MB)}, timeout=30)
+        assert reply["content"]["status"] == "complete"
+        assert_serving(hard_kernel, c)
+        assert not marker.exists()
+        log = hard_kernel.log()
+        for channel in ("shell", "control", "stdin"):
+            assert log.count(f"{channel}: dropped a message") == 1
+        figure("50 MB frames", f"kernel RSS {base / MB:.0f} MB before, "
+               f"{hard_kernel.rss() / MB:.0f} MB after; alive")
+        fuzz_totals["cases"] += 5
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_fuzz_heartbeat_and_iopub(hard_kernel):
+    "Garbage on the heartbeat (echoed, harmless) and on iopub from an XSUB (ignored)."
+    rng = random.Random(SEED)
+    c = Client(hard_kernel.conn)
+    ctx = zmq.Context()
+    try:
+        c.wait_ready(hard_kernel)
+        hb = ctx.socket(zmq.DEALER)
+        hb.linger = 0
+        hb.connect(f"tcp://127.0.0.1:{hard_kernel.conn['hb_port']}")
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.linger = 0
+        xsub.connect(f"tcp://127.0.0.1:{hard_kernel.conn['iopub_port']}")
+        for _ in range(300):
+            frames = [rng.randbytes(rng.randrange(100)) for _ in range(rng.randint(1, 5))]
+            hb.send_multipart(frames)
+            xsub.send_multipart([rng.choice([b"\x00", b"\x01", b"\x02", b""]) + f
+                                 for f in frames])
+        hb.send_multipart([b"x" * (10 * MB)])
+        echoes = []
+        while len(echoes) < 301 and hb.poll(5000):
+            echoes.append(hb.recv_multipart())
+        assert len(echoes) == 301 and echoes[-1] == [b"x" * (10 * MB)]
+        time.sleep(0.5)
+        assert_serving(hard_kernel, c)
+        for msg in c.drain_iopub():  # welcomes for the XSUB's topics are signed and well formed
+            assert msg["header"]["msg_type"] in ("status", "iopub_welcome", "execute_input",
+                                                 "execute_result", "stream")
+        fuzz_totals["cases"] += 601
+    finally:
+        ctx.destroy(linger=0)
+        c.close()
+
+
+DEPTHS = [900, 960, 980, 984, 986, 988, 990, 995, 1000, 2000, 100_000]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("channel", ["shell", "control"])
+def test_deeply_nested_json_is_refused_not_fatal(hard_kernel, channel):
+    """Signed messages nested deeper and deeper, in the header (echoed back as parent_header)
+    and in the content: each is refused or answered, and the kernel keeps serving."""
+    attacker = Client(hard_kernel.conn, channels=("shell", "control"))  # replies never parsed
+    c = Client(hard_kernel.conn, channels=("shell", "control"))  # no iopub: the echoed parent
+    try:  # headers are deep enough to crash jupyter_client's own parser (extract_dates)
+        c.wait_ready(hard_kernel)
+        sock = getattr(attacker, channel)
+        for depth in DEPTHS:
+            deep = b"[" * depth + b"]" * depth
+            header = pack(c.header("kernel_info_request"))[:-1] + b', "deep": ' + deep + b"}"
+            sock.send_multipart(c.sign_parts(header, b"{}", b"{}", b"{}", raw=True))
+            sock.send_multipart(c.sign_parts(pack(c.header("kernel_info_request")), b"{}",
+                                             b"{}", b'{"deep": ' + deep + b"}", raw=True))
+            time.sleep(0.05)
+            assert hard_kernel.alive(), f"depth {depth}: {hard_kernel.log()[-300:]}"
+            assert c.request("kernel_info_request", sock=c.control, timeout=3), depth
+            assert c.request("kernel_info_request", timeout=3), depth
+    finally:
+        attacker.close()
+        c.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("msg_type", ["complete_request", "inspect_request"])
+def test_completion_on_a_long_line_is_fast(hard_kernel, msg_type):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        code = "a" * 30000 + "("
+        msg_id = c.send(c.shell, msg_type, {"code": code, "cursor_pos": len(code)})
+        time.sleep(0.1)
+        start = time.monotonic()
+        c.request("kernel_info_request", sock=c.control, timeout=10)
+        control = time.monotonic() - start
+        reply = c.reply(c.shell, msg_id, timeout=20)
+        total = time.monotonic() - start
+        assert reply["content"]["status"] == "ok"
+        assert control < 1 and total < 1, f"control in {control:.1f} s, reply in {total:.1f} s"
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_completion_on_a_slow_property_can_be_interrupted(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        c.execute("class A:\n    @property\n    def slow(self):\n        import time\n"
+                  "        time.sleep(5)\n        return 1\na = A()")
+        msg_id = c.send(c.shell, "complete_request", {"code": "a.slow.", "cursor_pos": 7})
+        time.sleep(0.3)
+        start = time.monotonic()
+        c.request("interrupt_request", sock=c.control)
+        c.reply(c.shell, msg_id, timeout=10)
+        assert time.monotonic() - start < 2, "the property ran to its end, interrupt ignored"
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_unsigned_data_on_stdin_while_idle_does_not_pile_up(hard_kernel):
+    c = Client(hard_kernel.conn)
+    ctx = zmq.Context()
+    try:
+        c.wait_ready(hard_kernel)
+        base = hard_kernel.rss()
+        stranger = ctx.socket(zmq.DEALER)  # no key at all
+        stranger.linger = 0
+        stranger.connect(f"tcp://127.0.0.1:{hard_kernel.conn['stdin_port']}")
+        big = zmq.Frame(b"z" * (50 * MB))
+        for _ in range(10):
+            stranger.send_multipart([DELIM, b"", big], copy=False)
+        time.sleep(2)
+        grown = (hard_kernel.rss() - base) / MB
+        assert_serving(hard_kernel, c)
+        assert grown < 150, f"500 MB of unsigned frames on stdin: the kernel grew {grown:.0f} MB"
+    finally:
+        ctx.destroy(linger=0)
+        c.close()
+
+
+################ Hardening: security
+
+
+@pytest.mark.timeout(30)
+def test_the_kernels_own_messages_reflected_back_are_not_acted_upon(hard_kernel, tmp_path):
+    """iopub can be read without the key, and the kernel signs its messages with the same key as
+    requests. Everything it broadcasts (execute_input with code in it, comm_close, status...),
+    sent back on shell, control and stdin by a stranger, does nothing."""
+    c = Client(hard_kernel.conn)
+    marker = tmp_path / "ran"
+    ctx = zmq.Context()
+    try:
+        c.wait_ready(hard_kernel)
+        spy = ctx.socket(zmq.SUB)  # a stranger: no key
+        spy.setsockopt(zmq.SUBSCRIBE, b"")
+        spy.connect(f"tcp://127.0.0.1:{hard_kernel.conn['iopub_port']}")
+        assert spy.poll(5000)  # its welcome
+        reply, _ = c.execute(proof_code(marker) + "\nprint('out')\n'result'")
+        assert reply["status"] == "ok"
+        c.send(c.shell, "comm_open", {"comm_id": "c1", "target_name": "x", "data": {}})
+        c.execute("1/0")
+        time.sleep(0.3)
+        captured = []
+        while spy.poll(0):
+            frames = spy.recv_multipart()
+            captured.append(frames[frames.index(DELIM):])
+        kinds = {json.loads(f[2])["msg_type"] for f in captured}
+        assert {"execute_input", "stream", "execute_result", "comm_close", "error",
+                "status"} <= kinds
+        socks = {}
+        for name in ("shell", "control", "stdin"):
+            socks[name] = ctx.socket(zmq.DEALER)
+            socks[name].linger = 0
+            socks[name].connect(f"tcp://127.0.0.1:{hard_kernel.conn[name + '_port']}")
+        for frames in captured:
+            for sock in socks.values():
+                sock.send_multipart(frames)
+        reply, _ = c.execute("input()", answers=["typed"])  # stdin is read now
+        assert reply["status"] == "ok"
+        assert_serving(hard_kernel, c)
+        assert marker.read_text() == "ran\n"  # once, from the genuine request
+        assert not any(s.poll(100) for s in socks.values())  # no reply to a stranger
+    finally:
+        ctx.destroy(linger=0)
+        c.close()
+
+
+
+
+@pytest.mark.timeout(30)
+def test_replays_are_rejected_on_control_stdin_and_across_channels(hard_kernel, tmp_path):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        # control: a captured request sent again gets no second reply
+        frames = c.frames("kernel_info_request")
+        c.control.send_multipart(frames)
+        assert c.recv(c.control)["msg_type"] == "kernel_info_reply"
+        c.control.send_multipart(frames)
+        # across channels: what shell accepted, control refuses, and the other way round
+        shell_frames = c.frames("kernel_info_request")
+        c.shell.send_multipart(shell_frames)
+        assert c.recv(c.shell)["msg_type"] == "kernel_info_reply"
+        c.control.send_multipart(shell_frames)
+        control_frames = c.frames("kernel_info_request")
+        c.control.send_multipart(control_frames)
+        assert c.recv(c.control)["msg_type"] == "kernel_info_reply"
+        c.shell.send_multipart(control_frames)
+        assert not c.control.poll(300) and not c.shell.poll(300), "a replay was answered"
+        # stdin: an input_reply replayed to the next input() is dropped, not taken as the answer
+        cell = c.send(c.shell, "execute_request", {"code": "a = input()\nb = input()\na + b",
+                                                   "allow_stdin": True})
+        first = c.recv(c.stdin)
+        answer = c.frames("input_reply", {"value": "1"}, parent=first["header"])
+        c.stdin.send_multipart(answer)
+        c.recv(c.stdin)
+        c.stdin.send_multipart(answer)  # replayed
+        time.sleep(0.2)
+        c.stdin.send_multipart(c.frames("input_reply", {"value": "2"}))
+        reply, outputs = c.collect(cell)
+        assert [o["data"]["text/plain"] for t, o in outputs if t == "execute_result"] == ["'12'"]
+        # a replayed shutdown_request, sent on shell where it means nothing, then on control
+        shutdown = c.frames("shutdown_request", {"restart": False})
+        c.shell.send_multipart(shutdown)
+        c.request("kernel_info_request")  # shell is serial: the shutdown was seen before this
+        c.control.send_multipart(shutdown)
+        assert not c.control.poll(300)
+        assert_serving(hard_kernel, c)
+        log = hard_kernel.log()
+        assert log.count("replayed message") == 5, log
+        assert log.count("stdin: dropped a message: replayed") == 1
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_another_kernels_key_is_rejected_everywhere(tmp_path):
+    "A frontend holding a different kernel's connection file can do nothing to this one."
+    a, b = Kernel(tmp_path, name="a"), Kernel(tmp_path, name="b")
+    mine = Client(a.conn)
+    theirs = Client(a.conn, key=b.conn["key"])  # a's ports, b's key
+    marker = tmp_path / "forged-ran"
+    try:
+        mine.wait_ready(a)
+        assert a.conn["key"] != b.conn["key"]
+        theirs.send(theirs.shell, "execute_request", {"code": proof_code(marker)})
+        theirs.send(theirs.control, "shutdown_request", {"restart": False})
+        # while a genuine cell sleeps and then waits on input(): a forged interrupt and reply
+        cell = mine.send(mine.shell, "execute_request", {
+            "code": "import time\ntime.sleep(0.5)\ninput()", "allow_stdin": True})
+        time.sleep(0.2)
+        theirs.send(theirs.control, "interrupt_request")
+        request = mine.recv(mine.stdin)
+        theirs.stdin.send_multipart(theirs.frames("input_reply", {"value": "forged"},
+                                                  parent=request["header"]))
+        time.sleep(0.2)
+        mine.stdin.send_multipart(mine.frames("input_reply", {"value": "genuine"},
+                                              parent=request["header"]))
+        reply, outputs = mine.collect(cell)
+        assert reply["status"] == "ok", reply  # not interrupted
+        assert [o["data"]["text/plain"] for t, o in outputs if t == "execute_result"] == [
+            "'genuine'"]
+        assert not theirs.shell.poll(200) and not theirs.control.poll(200)
+        assert_serving(a, mine)
+        assert not marker.exists()
+        log = a.log()
+        assert log.count("bad signature") == 4, log
+        assert a.conn["key"] not in log and b.conn["key"] not in log
+    finally:
+        mine.close()
+        theirs.close()
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_private_files_even_with_umask_0(tmp_path):
+    "With umask 0 (the worst case), what the kernel creates is still private: dir 0700, file 0600."
+    runtime = tmp_path / "a" / "runtime"
+    env = kernel_env(tmp_path, JUPYTER_RUNTIME_DIR=str(runtime))
+    proc = subprocess.Popen([sys.executable, KERNEL], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.umask(0))
+    nested = None
+    try:
+        assert wait_for(lambda: list(runtime.glob("kernel-*.json")))
+        [path] = runtime.glob("kernel-*.json")
+        assert oct(runtime.stat().st_mode & 0o777) == "0o700"
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        key = json.loads(path.read_text())["key"]
+        info = psutil.Process(proc.pid)  # the key is in no command line or environment
+        assert key not in " ".join(info.cmdline())
+        assert key not in json.dumps(info.environ())
+        # -f into a directory that does not exist yet
+        nested = Kernel(tmp_path, name="x/y/k", preexec_fn=lambda: os.umask(0))
+        assert oct((tmp_path / "x" / "y").stat().st_mode & 0o777) == "0o700"
+        assert oct(nested.path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        if nested:
+            nested.stop()
+
+
+@pytest.mark.timeout(30)
+def test_listens_on_loopback_only_by_default(tmp_path):
+    "Not just what the connection file says: every socket the process listens on is loopback."
+    proc = subprocess.Popen([sys.executable, KERNEL], env=kernel_env(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        runtime = tmp_path / "runtime"
+        assert wait_for(lambda: list(runtime.glob("kernel-*.json")))
+        conn = json.loads(next(runtime.glob("kernel-*.json")).read_text())
+        assert conn["ip"] == "127.0.0.1" and conn["transport"] == "tcp"
+        ports = {conn[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")}
+
+        def listening():
+            return [s for s in psutil.Process(proc.pid).net_connections(kind="inet")
+                    if s.status == psutil.CONN_LISTEN]
+        assert wait_for(lambda: {s.laddr.port for s in listening()} >= ports)
+        assert {s.laddr.ip for s in listening()} == {"127.0.0.1"}
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=5)[1]
+    assert "warning" not in err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("ip, warns", [("0.0.0.0", True), ("127.0.0.1", False),
+                                       ("localhost", False)])
+def test_the_connection_files_ip_is_checked_too(tmp_path, ip, warns):
+    "The warning for a non-loopback ip also holds for one that comes from the connection file."
+    k = Kernel(tmp_path, conn={"ip": ip, "key": "k"})
+    try:
+        c = Client({**k.conn, "ip": "127.0.0.1"})
+        c.wait_ready(k)
+        c.close()
+    finally:
+        k.stop()
+    log = k.log()
+    assert (f"listening on {ip}, not loopback" in log) == warns, log
+    assert ("warning" in log) == warns
+
+
+@pytest.mark.timeout(30)
+def test_ipv6_loopback_serves_or_says_why(tmp_path):
+    path = tmp_path / "k.json"
+    proc = subprocess.Popen([sys.executable, KERNEL, "-f", str(path), "--ip", "::1"],
+                            env=kernel_env(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # it serves: fine
+        proc.terminate()
+        proc.communicate(timeout=5)
+        return
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.timeout(40)
+def test_keys_never_reach_the_logs(tmp_path):
+    """A whole life with bad messages, failing cells, input, interrupts and %connect_info: the key
+    is in neither stdout nor stderr. It does reach iopub through %connect_info, on purpose."""
+    k = Kernel(tmp_path)
+    c = Client(k.conn)
+    other = Client(k.conn, key="x" + k.conn["key"])
+    key = k.conn["key"]
+    try:
+        c.wait_ready(k)
+        c.shell.send_multipart([DELIM, b"", *c.frames("execute_request", {"code": "1"})[2:]])
+        other.send(other.shell, "execute_request", {"code": "1"})
+        other.send(other.control, "shutdown_request")
+        c.shell.send_multipart(c.sign_parts(pack(c.header("execute_request")), b"{}", b"{}",
+                                            pack({"code": 12, "key": key}), raw=True))
+        c.send(c.shell, "frobnicate_request")  # a msg_type nobody knows, logged
+        c.execute("1/0")
+        c.execute("import sys; print('to stderr', file=sys.__stderr__)")
+        reply, outputs = c.execute("%connect_info")
+        assert key in "".join(o.get("text", "") for t, o in outputs if t == "stream")
+        c.execute("input()", answers=[key])
+        c.send(c.control, "shutdown_request", {"restart": False})
+        assert k.proc.wait(timeout=5) == 0
+    finally:
+        c.close()
+        other.close()
+        k.stop()
+    log, out = k.log(), k.out()
+    assert "unknown msg_type" in log and "bad signature" in log and "to stderr" in log
+    assert key not in log
+    assert key not in out
+
+
+################ Hardening: faults
+
+CLIENT_SCRIPT = r"""
+import sys
+from jupyter_client.blocking import BlockingKernelClient
+kc = BlockingKernelClient(connection_file=sys.argv[1])
+kc.load_connection_file()
+kc.start_channels()
+kc.wait_for_ready(timeout=15)
+kc.execute(sys.argv[2], allow_stdin=True)
+if sys.argv[3] == "stdin":
+    kc.get_stdin_msg(timeout=15)
+else:
+    while kc.get_iopub_msg(timeout=15)["msg_type"] != sys.argv[3]:
+        pass
+print("READY", flush=True)
+import time
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_of_a_client_leaves_the_kernel_and_other_clients_serving(hard_kernel):
+    """A frontend process (jupyter_client) killed mid-cell: flooding output, waiting on input(),
+    running a long cell. The other frontend interrupts what it left behind and carries on."""
+    b = Client(hard_kernel.conn)
+    try:
+        b.wait_ready(hard_kernel)
+        for code, ready in [("while True: print('x' * 1000)", "stream"),
+                            ("input('never answered: ')", "stdin"),
+                            ("import time; time.sleep(600)", "execute_input")]:
+            a = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, str(hard_kernel.path), code,
+                                  ready], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+            try:
+                assert a.stdout.readline().strip() == "READY", a.stderr.read()
+            finally:
+                a.kill()  # SIGKILL
+                a.wait()
+            time.sleep(0.3)
+            assert hard_kernel.alive() and ping(hard_kernel.conn)
+            assert b.request("interrupt_request", sock=b.control)["content"]["status"] == "ok"
+            wait_for_foreign_idle(b)  # else its error aborts b's next cell (stop_on_error)
+            reply, outputs = b.execute("print('b is fine')", timeout=10)
+            assert reply["status"] == "ok"
+            assert ("stream", "b is fine\n") in [(t, o.get("text")) for t, o in outputs]
+            b.drain_iopub()
+        assert_serving(hard_kernel, b)
+        figure("kill -9 of a client", "3 of 3 survived (flooding, in input(), in a long cell)")
+    finally:
+        b.close()
+
+
+def wait_for_foreign_idle(c: Client, timeout=TIMEOUT):
+    "Wait for another client's execute_request to end (its status idle on iopub)."
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = c.recv(c.iopub, max(0.0, deadline - time.monotonic()))
+        parent = msg["parent_header"]
+        if parent.get("session") != c.session.session and parent.get(
+                "msg_type") == "execute_request" and msg["content"].get(
+                "execution_state") == "idle":
+            return
+
+
+def started(c: Client, msg_id: str, text=None, timeout=TIMEOUT):
+    "Wait until the cell has begun (execute_input), or has printed `text`."
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = c.recv(c.iopub, deadline - time.monotonic())
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if text is None and msg["msg_type"] == "execute_input":
+            return
+        if text is not None and msg["msg_type"] == "stream" and text in msg["content"]["text"]:
+            return
+    raise TimeoutError(f"the cell never started or printed {text!r}")
+
+
+@pytest.mark.timeout(30)
+def test_interrupt_in_a_finally_block(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        msg_id = c.send(c.shell, "execute_request", {
+            "code": "import time\ntry:\n    time.sleep(30)\nfinally:\n    print('cleanup')\n"
+                    "    time.sleep(30)\n    print('never')"})
+        started(c, msg_id)
+        c.request("interrupt_request", sock=c.control)
+        started(c, msg_id, "cleanup")  # the first interrupt ran the finally block
+        start = time.monotonic()
+        c.request("interrupt_request", sock=c.control)  # the second lands inside it
+        reply = c.reply(c.shell, msg_id, timeout=5)
+        assert time.monotonic() - start < 2
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert_serving(hard_kernel, c)
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_two_interrupts_in_a_row_interrupt_one_cell_only(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        for _ in range(5):
+            msg_id = c.send(c.shell, "execute_request", {"code": "import time; time.sleep(30)"})
+            started(c, msg_id)
+            c.send(c.control, "interrupt_request")
+            c.send(c.control, "interrupt_request")
+            reply = c.reply(c.shell, msg_id, timeout=5)
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            assert [c.recv(c.control)["msg_type"] for _ in range(2)] == ["interrupt_reply"] * 2
+            # the second interrupt must not be left pending for the next cell
+            reply, _ = c.execute("import time; time.sleep(0.3); 'next cell'")
+            assert reply["status"] == "ok", reply
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_sigint_storm_while_idle_and_serving(hard_kernel):
+    "A thousand SIGINTs while requests come and go: none lost, none interrupted, no log noise."
+    c = Client(hard_kernel.conn)
+    stop = threading.Event()
+    sent = [0]
+
+    def storm():
+        while not stop.is_set():
+            os.kill(hard_kernel.pid, signal.SIGINT)
+            sent[0] += 1
+            time.sleep(0.001)
+    try:
+        c.wait_ready(hard_kernel)
+        t = threading.Thread(target=storm)
+        t.start()
+        try:
+            requests, deadline = 0, time.monotonic() + 1.5
+            while time.monotonic() < deadline:  # no cell runs, so nothing may be interrupted
+                requests += 3
+                assert c.request("complete_request", {"code": "pri", "cursor_pos": 3})[
+                    "content"]["matches"] == ["print"]
+                assert c.request("is_complete_request", {"code": "x = ("})["content"][
+                    "status"] == "incomplete"
+                assert c.request("kernel_info_request", sock=c.control)["content"][
+                    "status"] == "ok"
+        finally:
+            stop.set()
+            t.join()
+        assert sent[0] > 100
+        assert_serving(hard_kernel, c)
+        assert "Traceback" not in hard_kernel.log()
+        figure("SIGINT storm while idle", f"{sent[0]} SIGINTs during {requests} requests, "
+               "all answered")
+    finally:
+        stop.set()
+        c.close()
+
+
+STORM_CELL = """\
+import time
+t, caught = time.time(), 0
+for _ in range(10**9):
+    try:
+        if time.time() - t > {seconds}:
+            break
+        while time.time() - t < {seconds}:
+            {body}
+    except KeyboardInterrupt:
+        caught += 1
+"""
+
+
+def sigint_storm(hard_kernel: Kernel, c: Client, body: str, seconds: float) -> tuple:
+    """Run a cell that swallows KeyboardInterrupt for `seconds`, with SIGINTs every 0.5 ms; return
+    (SIGINTs sent, the reply, iopub messages seen, malformed iopub messages)."""
+    msgs, bad = [0], []
+    done = threading.Event()
+
+    def read():
+        while not done.is_set() or c.iopub.poll(0):
+            if c.iopub.poll(50):
+                frames = c.iopub.recv_multipart()
+                msgs[0] += 1
+                try:
+                    checked(c.session, frames)
+                except (AssertionError, ValueError) as e:
+                    bad.append(f"{e}: {[f[:30] for f in frames]}")
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        msg_id = c.send(c.shell, "execute_request",
+                        {"code": STORM_CELL.format(seconds=seconds, body=body)})
+        time.sleep(0.3)
+        sent, deadline = 0, time.monotonic() + seconds - 0.5
+        while time.monotonic() < deadline:
+            os.kill(hard_kernel.pid, signal.SIGINT)
+            sent += 1
+            time.sleep(0.0005)
+        reply = c.reply(c.shell, msg_id, timeout=seconds + 10)
+        time.sleep(0.3)
+    finally:
+        done.set()
+        reader.join()
+    return sent, reply, msgs[0], bad
+
+
+@pytest.mark.timeout(30)
+def test_sigint_storm_while_busy_leaves_the_kernel_serving(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        sent, reply, _, _ = sigint_storm(hard_kernel, c, "time.sleep(0.001)", 2.5)
+        assert reply["content"]["status"] in ("ok", "error")
+        assert sent > 500
+        for _ in range(20):  # and a storm of interrupt_requests on control
+            c.send(c.control, "interrupt_request")
+        assert [c.recv(c.control)["msg_type"] for _ in range(20)] == ["interrupt_reply"] * 20
+        assert_serving(hard_kernel, c)
+        figure("SIGINT storm while busy", f"{sent} SIGINTs in a sleeping cell; kernel serving")
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_interrupts_during_an_output_flood_never_corrupt_iopub(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        sent, reply, seen, bad = sigint_storm(hard_kernel, c, "print('x' * 1000)", 2.5)
+        figure("SIGINT storm during output flood", f"{sent} SIGINTs, {seen} iopub messages, "
+               f"{len(bad)} malformed")
+        assert hard_kernel.alive()
+        assert not bad, bad[:3]
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+def test_output_from_a_thread_after_its_cell_finished(hard_kernel):
+    """A thread keeps printing after its cell ended, across other cells and a shutdown: every line
+    arrives, in order, each cell's own output stays exact, and the kernel exits cleanly."""
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        seen = []  # every iopub message, in order, whatever its parent
+        reply, _ = c.execute(
+            "import threading, time, sys\n"
+            "def chatter():\n"
+            "    for i in range(300):\n"
+            "        print(f'late {i}')\n"
+            "        if i % 3 == 0: print(f'late err {i}', file=sys.stderr)\n"
+            "        time.sleep(0.005)\n"
+            "    print('late done')\n"
+            "    time.sleep(0.5)\n"
+            "    while True:\n"  # and still printing when the kernel shuts down
+            "        print('still here'); time.sleep(0.001)\n"
+            "threading.Thread(target=chatter, daemon=True).start()", everything=seen)
+        assert reply["status"] == "ok"
+        for i in range(10):
+            reply, outputs = c.execute(f"print('cell {i}')", everything=seen)
+            assert reply["status"] == "ok"
+            cell_text = "".join(o["text"] for t, o in outputs if t == "stream")
+            assert f"cell {i}\n" in cell_text.splitlines(True)
+        def texts(name):
+            return "".join(m["content"]["text"] for m in seen if m["header"][
+                "msg_type"] == "stream" and m["content"]["name"] == name)
+        deadline = time.monotonic() + 10
+        while "late done" not in texts("stdout") and time.monotonic() < deadline:
+            seen += c.drain_iopub()
+            time.sleep(0.05)
+        lines = [line for line in texts("stdout").splitlines() if line.startswith("late")]
+        assert lines == [f"late {i}" for i in range(300)] + ["late done"]
+        err = texts("stderr").splitlines()
+        assert err == [f"late err {i}" for i in range(0, 300, 3)]
+        time.sleep(0.2)
+        c.send(c.control, "shutdown_request", {"restart": False})
+        assert hard_kernel.proc.wait(timeout=5) == 0
+        assert "Traceback" not in hard_kernel.log() and "Exception" not in hard_kernel.log()
+    finally:
+        c.close()
+
+
+################ Hardening: load and flood
+
+LOAD_CLIENTS, LOAD_REQUESTS, LOAD_WINDOW = 20, 100, 4
+
+
+def load_client(conn: dict, cid: int, results: dict, go: threading.Event):
+    """One of many concurrent frontends: LOAD_REQUESTS mixed requests, LOAD_WINDOW in flight.
+    Checks that every reply is its own and every iopub message with its session as parent is
+    for one of its requests, and that nothing it printed went missing or astray."""
+    rng = random.Random(SEED * 1000 + cid)
+    c = Client(conn, channels=("shell", "control", "iopub"))
+    errors, sent = [], {}  # msg_id -> (n, msg_type, socket name)
+    replies, streams, results_seen, idles = {}, {}, {}, {}
+    mine = c.session.session
+    try:
+        c.wait_ready()
+        while c.shell.poll(300):  # late replies to wait_ready's nudges
+            c.shell.recv_multipart()
+        go.wait()
+        start = time.monotonic()
+        todo = list(range(LOAD_REQUESTS))
+        poller = zmq.Poller()
+        for sock in (c.shell, c.control, c.iopub):
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + 60
+        while (todo or len(replies) < len(sent) or len(idles) < len(sent)) \
+                and time.monotonic() < deadline:
+            while todo and len(sent) - len(replies) < LOAD_WINDOW:
+                n = todo.pop(0)
+                kind = rng.choice(["execute"] * 5 + ["kernel_info", "complete", "is_complete",
+                                                     "inspect", "history", "control"])
+                sock = c.control if kind == "control" else c.shell
+                msg_type, content = {
+                    "execute": ("execute_request", {
+                        "code": f"print('tok-{cid}-{n}')\n'res-{cid}-{n}'", "silent": False,
+                        "store_history": True, "user_expressions": {}, "allow_stdin": False,
+                        "stop_on_error": False}),
+                    "kernel_info": ("kernel_info_request", {}),
+                    "control": ("kernel_info_request", {}),
+                    "complete": ("complete_request", {"code": "pri", "cursor_pos": 3}),
+                    "is_complete": ("is_complete_request", {"code": "x = 1"}),
+                    "inspect": ("inspect_request", {"code": "len", "cursor_pos": 3,
+                                                    "detail_level": 0}),
+                    "history": ("history_request", {"hist_access_type": "tail", "n": 1,
+                                                    "output": False, "raw": True}),
+                }[kind]
+                sent[c.send(sock, msg_type, content)] = (n, msg_type, kind)
+            for sock, _ in poller.poll(1000):
+                frames = sock.recv_multipart()
+                if sock is c.iopub:
+                    i = frames.index(DELIM)
+                    parent = json.loads(frames[i + 3])
+                    own_token = f"tok-{cid}-".encode() in frames[i + 5]
+                    if parent.get("session") != mine and not own_token \
+                            or parent.get("msg_id") in c.nudges:
+                        continue  # another client's message, or a nudge's
+                    msg = checked(c.session, frames)
+                    pid, mtype = parent.get("msg_id"), msg["header"]["msg_type"]
+                    if pid not in sent:
+                        errors.append(f"iopub {mtype} with a parent not mine: {parent}")
+                        continue
+                    n = sent[pid][0]
+                    if mtype == "stream":
+                        streams[pid] = streams.get(pid, "") + msg["content"]["text"]
+                    elif mtype == "execute_result":
+                        results_seen[pid] = msg["content"]["data"]["text/plain"]
+                    elif mtype == "status" and msg["content"]["execution_state"] == "idle":
+                        idles[pid] = idles.get(pid, 0) + 1
+                    continue
+                _, body = c.session.feed_identities(frames)
+                msg = c.session.deserialize(body)
+                pid = msg["parent_header"].get("msg_id")
+                if pid not in sent or pid in replies:
+                    errors.append(f"a reply that is not mine, or twice: {msg['msg_type']}")
+                    continue
+                n, msg_type, kind = sent[pid]
+                if msg["msg_type"] != msg_type.replace("_request", "_reply"):
+                    errors.append(f"{msg_type} answered by {msg['msg_type']}")
+                if (kind == "control") != (sock is c.control):
+                    errors.append(f"{kind} answered on the wrong channel")
+                if msg["content"].get("status") not in ("ok", "complete"):
+                    errors.append(f"{msg_type}: {msg['content']}")
+                replies[pid] = msg
+        for pid, (n, msg_type, kind) in sent.items():
+            if pid not in replies:
+                errors.append(f"no reply to {msg_type} #{n}")
+            if idles.get(pid) != 1:
+                errors.append(f"{idles.get(pid, 0)} idles for {msg_type} #{n}")
+            if kind == "execute":
+                if streams.get(pid) != f"tok-{cid}-{n}\n":
+                    errors.append(f"#{n} output {streams.get(pid)!r}")
+                if results_seen.get(pid) != f"'res-{cid}-{n}'":
+                    errors.append(f"#{n} result {results_seen.get(pid)!r}")
+        results[cid] = {"errors": errors, "requests": len(sent), "replies": len(replies),
+                        "seconds": time.monotonic() - start}
+    except Exception as e:  # a thread's failure is the test's
+        results[cid] = {"errors": [f"{type(e).__name__}: {e}"], "requests": len(sent),
+                        "replies": len(replies), "seconds": 0}
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(90)
+def test_20_clients_x_100_requests(hard_kernel):
+    """20 frontends at once, 100 mixed requests each (execute, kernel_info, complete, is_complete,
+    inspect, history, and kernel_info on control), 4 in flight each: every reply to its owner,
+    every iopub message with the right parent, no output lost."""
+    results, go = {}, threading.Event()
+    threads = [threading.Thread(target=load_client, args=(hard_kernel.conn, cid, results, go))
+               for cid in range(LOAD_CLIENTS)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    go.set()
+    for t in threads:
+        t.join(80)
+    elapsed = time.monotonic() - start
+    errors = [f"client {cid}: {e}" for cid, r in sorted(results.items()) for e in r["errors"]]
+    requests = sum(r["requests"] for r in results.values())
+    replies = sum(r["replies"] for r in results.values())
+    figure("load", f"{LOAD_CLIENTS} clients x {LOAD_REQUESTS} requests: {replies}/{requests} "
+           f"replies in {elapsed:.1f} s ({replies / elapsed:.0f}/s), {len(errors)} errors")
+    assert len(results) == LOAD_CLIENTS
+    assert not errors, errors[:10]
+    assert requests == replies == LOAD_CLIENTS * LOAD_REQUESTS
+    assert hard_kernel.alive()
+
+
+def rss_sampler(pid: int, interval=0.05):
+    "Sample a process's RSS in a thread: returns (samples [(t, bytes)], stop())."
+    samples, done = [], threading.Event()
+    proc = psutil.Process(pid)
+    t0 = time.monotonic()
+
+    def run():
+        while not done.is_set():
+            try:
+                samples.append((time.monotonic() - t0, proc.memory_info().rss))
+            except psutil.Error:
+                return
+            time.sleep(interval)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def stop():
+        done.set()
+        t.join()
+        return samples
+    return samples, stop
+
+
+def drain_in_thread(sock):
+    "Read a socket as fast as possible in a thread (a frontend that keeps up); count bytes."
+    count, done = [0, 0], threading.Event()
+
+    def run():
+        while not done.is_set():
+            if sock.poll(50):
+                for frame in sock.recv_multipart():
+                    count[1] += len(frame)
+                count[0] += 1
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def stop():
+        done.set()
+        t.join()
+        return count
+    return stop
+
+
+@pytest.mark.timeout(60)
+def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
+    """`while True: print('x' * 1000)` for FLOOD_SECONDS: control answers kernel_info within 1 s
+    throughout, interrupt stops it within 1 s, and RSS stays bounded. One frontend keeps up with
+    iopub; a second is subscribed and never reads (the worst case for the kernel's queues)."""
+    c = Client(hard_kernel.conn)
+    ctx = zmq.Context()
+    try:
+        c.wait_ready(hard_kernel)
+        lazy = ctx.socket(zmq.SUB)  # subscribed, never reads
+        lazy.linger = 0
+        lazy.setsockopt(zmq.SUBSCRIBE, b"")
+        lazy.connect(f"tcp://127.0.0.1:{hard_kernel.conn['iopub_port']}")
+        time.sleep(0.3)
+        base = hard_kernel.rss()
+        msg_id = c.send(c.shell, "execute_request", {"code": "while True: print('x' * 1000)"})
+        started(c, msg_id)
+        stop_drain = drain_in_thread(c.iopub)
+        samples, stop_rss = rss_sampler(hard_kernel.pid)
+        latencies = []
+        deadline = time.monotonic() + FLOOD_SECONDS
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            c.request("kernel_info_request", sock=c.control, timeout=5)
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.2)
+        start = time.monotonic()
+        c.send(c.control, "interrupt_request")
+        reply = c.reply(c.shell, msg_id, timeout=5)
+        interrupt_latency = time.monotonic() - start
+        samples = stop_rss()
+        count = stop_drain()
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        peak = max(r for _, r in samples)
+        per_second = [max((r for t, r in samples if s <= t < s + 1), default=0) // MB
+                      for s in range(int(FLOOD_SECONDS))]
+        figure("flood", f"{FLOOD_SECONDS:.0f} s of print('x' * 1000): {count[1] / MB:.0f} MB "
+               f"in {count[0]} iopub messages reached the reader; RSS {base / MB:.0f} MB before, "
+               f"peak {peak / MB:.0f} MB, per second {per_second} MB; control kernel_info "
+               f"latency max {max(latencies) * 1000:.0f} ms over {len(latencies)}; interrupt "
+               f"latency {interrupt_latency * 1000:.0f} ms")
+        assert max(latencies) < 1
+        assert interrupt_latency < 1
+        assert peak - base < 200 * MB  # bound: the lazy subscriber's HWM queue (1000 messages)
+        last = [r for t, r in samples if t > FLOOD_SECONDS / 2]
+        assert max(last) - min(last) < 100 * MB  # flat, not growing
+        assert_serving(hard_kernel, c)
+    finally:
+        ctx.destroy(linger=0)
+        c.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code, bound_mb", [
+    ("for _ in range(100_000): print('x' * 999)", 64),  # 100 MB in 100,000 lines
+    ("print('x' * 100_000_000)", 512),  # 100 MB in one write
+])
+def test_100mb_cell_memory_bound(hard_kernel, code, bound_mb):
+    "A cell printing 100 MB in all: every byte arrives, and the kernel's peak RSS stays bounded."
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        base = hard_kernel.rss()
+        samples, stop_rss = rss_sampler(hard_kernel.pid, interval=0.01)
+        msg_id = c.send(c.shell, "execute_request", {"code": code})
+        total, reply, idle = 0, None, False
+        deadline = time.monotonic() + 50
+        while (reply is None or not idle) and time.monotonic() < deadline:
+            if c.shell.poll(0):
+                reply = c.recv(c.shell)
+            if c.iopub.poll(50):
+                msg = c.recv(c.iopub)
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    if msg["msg_type"] == "stream":
+                        total += len(msg["content"]["text"])
+                    idle = msg["content"].get("execution_state") == "idle"
+        samples = stop_rss()
+        peak = max(r for _, r in samples)
+        figure(f"100 MB cell {code!r}", f"RSS {base / MB:.0f} MB before, peak {peak / MB:.0f} MB "
+               f"(+{(peak - base) / MB:.0f} MB), {total / MB:.1f} MB of text received")
+        assert reply is not None and reply["content"]["status"] == "ok"
+        assert total == 100_000_000 + (1 if "range" not in code else 0)
+        assert peak - base < bound_mb * MB
+        assert_serving(hard_kernel, c)
+    finally:
+        c.close()
+
+
+################ Console fuzz: a fake kernel feeds miniconsole garbage
+
+# The fake kernel speaks through miniconsole's own wire functions and answers what a piped
+# console asks (handshake, is_complete, execute). Around each cell's real output it publishes a
+# seeded burst of bad frames, unknown msg_types, missing fields, wrong types, huge and odd text.
+# The console must print every real output, in order, say one line per message it dropped or
+# could not show, and exit normally: no traceback, ever.
+
+CONSOLE_SEED = 5
+
+
+class FakeKernel:
+    """Five sockets and one thread: answers the console, and runs `script(n, request)` for the
+    n-th execute_request, which returns what to send before the cell's genuine output."""
+
+    def __init__(self, tmp_path, script):
+        self.ctx = zmq.Context()
+        self.key = "fake-kernel-key"
+        self.session = miniconsole.new_session(self.key)
+        self.script, self.cells, self.stop = script, 0, threading.Event()
+        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER,
+                 "iopub": zmq.XPUB, "hb": zmq.ROUTER}
+        self.sockets, conn = {}, {}
+        for name, kind in kinds.items():
+            sock = self.sockets[name] = self.ctx.socket(kind)
+            sock.linger = 0
+            conn[f"{name}_port"] = sock.bind_to_random_port("tcp://127.0.0.1")
+        self.path = tmp_path / "fake-kernel.json"
+        self.path.write_text(json.dumps({**conn, "ip": "127.0.0.1", "key": self.key,
+                                         "transport": "tcp", "signature_scheme": "hmac-sha256",
+                                         "kernel_name": "fake"}))
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def publish(self, msg_type, content, parent):
+        msg = miniconsole.new_msg(self.session, msg_type, content, parent)
+        self.sockets["iopub"].send_multipart(miniconsole.to_frames(self.session, msg,
+                                                          [f"kernel.{msg_type}".encode()]))
+
+    def signed(self, header, parent, metadata, content, topic=b"kernel.x") -> list:
+        "Frames with a valid signature over whatever bytes (or dicts) we like."
+        parts = [p if isinstance(p, bytes) else json.dumps(p).encode()
+                 for p in (header, parent, metadata, content)]
+        return [topic, DELIM, miniconsole.sign(self.session, parts), *parts]
+
+    def header(self, msg_type):
+        return miniconsole.new_msg(self.session, msg_type, {})["header"]
+
+    def reply(self, request, content):
+        msg_type = request["header"]["msg_type"].replace("_request", "_reply")
+        msg = miniconsole.new_msg(self.session, msg_type, content, request["header"])
+        frames = miniconsole.to_frames(self.session, msg, request["ids"])
+        self.sockets["shell"].send_multipart(frames)
+
+    def serve(self):
+        poller = zmq.Poller()
+        for sock in self.sockets.values():
+            poller.register(sock, zmq.POLLIN)
+        while not self.stop.is_set():
+            for sock, _ in poller.poll(50):
+                frames = sock.recv_multipart()
+                if sock is self.sockets["hb"]:
+                    sock.send_multipart(frames)  # [identity, ping]: echoed
+                elif sock is self.sockets["iopub"]:
+                    pass  # a subscription
+                elif sock is self.sockets["shell"]:
+                    self.on_shell(miniconsole.from_frames(self.session, frames))
+
+    def on_shell(self, request):
+        kind, parent = request["header"]["msg_type"], request["header"]
+        self.publish("status", {"execution_state": "busy"}, parent)
+        if kind == "kernel_info_request":
+            self.reply(request, {"status": "ok", "protocol_version": "5.3", "banner": "fake"})
+        elif kind == "is_complete_request":
+            self.reply(request, {"status": "complete"})
+        elif kind == "execute_request" and request["content"].get("silent"):
+            self.reply(request, {"status": "ok", "execution_count": 0})
+        elif kind == "execute_request":
+            self.cells += 1
+            n = self.cells
+            extra_reply = {}
+            for channel, frames in self.script(n, request):
+                if channel == "reply":
+                    extra_reply = frames
+                else:
+                    self.sockets[channel].send_multipart(frames)
+            self.publish("stream", {"name": "stdout", "text": f"genuine output {n}\n"}, parent)
+            self.reply(request, {"status": "ok", "execution_count": n, "payload": [],
+                                 "user_expressions": {}, **extra_reply})
+        self.publish("status", {"execution_state": "idle"}, parent)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.ctx.destroy(linger=0)
+
+
+def run_console(tmp_path, fake: FakeKernel, cells: int, timeout=60):
+    "A piped console on the fake kernel: `cells` cells in, (returncode, stdout, stderr) out."
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    code = "".join(f"x = {n}\n" for n in range(1, cells + 1))
+    proc = subprocess.run([sys.executable, CONSOLE, "--existing", str(fake.path)], input=code,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# Each garbage case: (what to send, what the console must say about it on stderr, if anything).
+DROPPED = "miniconsole: dropped a bad message on iopub"
+NOT_SHOWN = "miniconsole: could not show a"
+
+
+def garbage(rng: random.Random, fake: FakeKernel, parent: dict) -> tuple:
+    "One bad or odd iopub message for the running cell, and the line it must cause (or None)."
+    h = fake.header
+    how = rng.randrange(12)
+    if how == 0:  # unsigned
+        frames = fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": "FORGED\n"})
+        return frames[:2] + [b""] + frames[3:], DROPPED
+    if how == 1:  # bad signature
+        frames = fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": "FORGED\n"})
+        return frames[:2] + [b"0" * 64] + frames[3:], DROPPED
+    if how == 2:  # invalid UTF-8 in the text, signed
+        return fake.signed(json.dumps(h("stream")).encode(), json.dumps(parent).encode(), b"{}",
+                           b'{"name": "stdout", "text": "\xff\xfe bad"}'), DROPPED
+    if how == 3:  # truncated, or random frames
+        frames = fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": "FORGED\n"})
+        cut = frames[: rng.randint(1, 5)] if rng.random() < 0.5 else \
+            [rng.randbytes(rng.randrange(30)) for _ in range(rng.randint(1, 6))]
+        return cut, DROPPED
+    if how == 4:  # JSON that is not an object, or no msg_type
+        frames = fake.signed(rng.choice([[], {"msg_id": "x"}, {"msg_type": 7}]), parent, {}, {})
+        return frames, DROPPED
+    if how == 5:  # an unknown msg_type, valid otherwise: ignored
+        return fake.signed(h(rng.choice(["frobnicate", "comm_msg", "debug_event", ""])),
+                           parent, {}, {"data": {"x": 1}}), None
+    if how == 6:  # a known type with fields missing
+        kind, content = rng.choice([("stream", {"name": "stdout"}), ("execute_result", {}),
+                                    ("display_data", {"metadata": {}}), ("error", {})])
+        return fake.signed(h(kind), parent, {}, content), NOT_SHOWN
+    if how == 7:  # a known type with fields of the wrong type, where the console can tell
+        kind, content = rng.choice([
+            ("execute_result", {"execution_count": 1, "data": ["text/plain"]}),
+            ("display_data", {"data": "text/plain"}),
+            ("display_data", {"data": {"text/plain": 5}}),
+        ])
+        return fake.signed(h(kind), parent, {}, content), NOT_SHOWN
+    if how == 8:  # huge output
+        text = "h" * rng.choice([10**5, 10**6, 5 * 10**6]) + "\n"
+        return fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": text}), None
+    if how == 9:  # odd but valid text: escapes, control characters, surrogate escapes, RTL
+        text = rng.choice(["\x1b[31mred\x1b[0m\n", "\x00\x07\x08\r\n", "\\ud800 \u202e\n",
+                           "é😀\n", "no newline"])
+        return fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": text}), None
+    if how == 10:  # another frontend's output (another session): shown or not, never a crash
+        other = {**parent, "session": "someone-else", "msg_id": "theirs"}
+        return fake.signed(h("stream"), other, {}, {"name": "stdout", "text": "theirs\n"}), None
+    # a status for a request that is not ours, and an idle for ours that comes too early is not
+    # sent: that would end the cell
+    return fake.signed(h("status"), {"msg_id": "nobody"}, {}, {"execution_state": "idle"}), None
+
+
+CELLS, PER_CELL = 40, 25
+
+
+@pytest.mark.timeout(90)
+def test_console_survives_a_kernel_that_sends_garbage(tmp_path):
+    """1000 bad or odd iopub messages over 40 cells: every genuine output arrives, in order;
+    one stderr line per dropped or unshowable message; no traceback; exit code 0."""
+    rng = random.Random(CONSOLE_SEED)
+    expected = {DROPPED: 0, NOT_SHOWN: 0}
+
+    def script(n, request):
+        for _ in range(PER_CELL):
+            frames, says = garbage(rng, fake, request["header"])
+            if says:
+                expected[says] += 1
+            yield "iopub", frames
+
+    fake = FakeKernel(tmp_path, lambda n, request: list(script(n, request)))
+    try:
+        code, out, err = run_console(tmp_path, fake, CELLS)
+    finally:
+        fake.close()
+    assert "Traceback" not in err, err[-3000:]
+    genuine = re.findall(r"genuine output \d+\n", out)  # some garbage has no newline
+    assert genuine == [f"genuine output {n}\n" for n in range(1, CELLS + 1)]
+    assert "FORGED" not in out
+    assert err.count(DROPPED) == expected[DROPPED], err[-2000:]
+    assert err.count(NOT_SHOWN) == expected[NOT_SHOWN], err[-2000:]
+    assert "\x1b[31m" not in out  # piped: escape codes stripped
+    assert code == 0
+    print(f"\nFIGURE console fuzz: {CELLS * PER_CELL} garbage messages over {CELLS} cells, "
+          f"{expected[DROPPED]} dropped, {expected[NOT_SHOWN]} not shown, 0 crashes")
+
+
+def one_bad_message(tmp_path, frames_for):
+    "Run two cells, the first with one bad message, frames_for(fake, request), on iopub."
+    def script(n, request):
+        return [("iopub", frames_for(fake, request))] if n == 1 else []
+    fake = FakeKernel(tmp_path, script)
+    try:
+        return run_console(tmp_path, fake, 2, timeout=30)
+    finally:
+        fake.close()
+
+
+def assert_survived(result):
+    code, out, err = result
+    assert "Traceback" not in err, err[-2000:]
+    assert "genuine output 1" in out and "genuine output 2" in out, (out[-500:], err[-500:])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text", [5, None, ["a"], {"a": 1}])
+def test_stream_text_of_the_wrong_type(tmp_path, text):
+    assert_survived(one_bad_message(tmp_path, lambda fake, request: fake.signed(
+        fake.header("stream"), request["header"], {}, {"name": "stdout", "text": text})))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("payload", [5, [5], [{"source": "page", "data": "text"}],
+                                     [{"source": "page", "data": {"text/plain": 5}}]])
+def test_execute_reply_payload_of_the_wrong_type(tmp_path, payload):
+    def script(n, request):
+        return [("reply", {"payload": payload})] if n == 1 else []
+    fake = FakeKernel(tmp_path, script)
+    try:
+        assert_survived(run_console(tmp_path, fake, 2, timeout=30))
+    finally:
+        fake.close()
+
+
+@pytest.mark.timeout(60)
+def test_deeply_nested_json(tmp_path):
+    deep = b'{"name": "stdout", "text": "x", "deep": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert_survived(one_bad_message(tmp_path, lambda fake, request: fake.signed(
+        json.dumps(fake.header("stream")).encode(), json.dumps(request["header"]).encode(),
+        b"{}", deep)))
 
 
 ################ The project's ground
