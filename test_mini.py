@@ -1918,8 +1918,12 @@ def test_readme_protocol_table_matches_the_kernels_handlers():
     assert not spec - set(rows), f"missing from the README's table: {sorted(spec - set(rows))}"
 
 
-def test_readme_keeps_a_performance_section_for_the_benchmark():
-    assert "\n## Performance\n" in readme()
+def test_readme_performance_table_names_its_date_machine_and_command():
+    text = readme()
+    perf = text[text.index("\n## Performance\n"):]
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC · .+ cores · .*Python 3", perf)
+    assert "| row | minikernel | ipykernel | floor | minikernel target |" in perf
+    assert "```bash\npython bench/compare.py\n```" in perf
 
 
 ################ Hardening: hostile input, faults, load and flood
