@@ -858,9 +858,8 @@ def serve_control(control: zmq.Socket):
     leave("shutdown_request")
 
 
-def watch_parent():
+def watch_parent(parent: int):
     "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
-    parent = os.getppid()
     while os.getppid() == parent:
         time.sleep(1)
     leave("the parent process died")
@@ -979,6 +978,7 @@ def remove_connection_file():
 
 def serve(path: Optional[str], ip: str):
     "Bind the five sockets, start the threads, and run shell requests until shutdown."
+    parent = os.getppid()  # now, before the connection file tells the launcher we are up
     if path and os.path.exists(path):
         with open(path) as f:
             conn = {**new_connection(ip), **json.load(f)}
@@ -1019,7 +1019,7 @@ def serve(path: Optional[str], ip: str):
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
                (iopub_ticker, sockets["iopub"])]
     if os.environ.get("JPY_PARENT_PID"):
-        threads.append((watch_parent,))
+        threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
     # SIGTERM blocked, none of them can take a signal meant for the main thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -132,10 +132,14 @@ class Raw:
         return self.session.serialize(self.session.msg(msg_type, content))
 
     def request(self, msg_type: str, content: dict, sock=None, timeout=TIMEOUT) -> dict:
-        "Send a signed request and wait for its reply."
+        "Send a signed request and wait for its reply (earlier nudges' replies are skipped)."
         sock = sock or self.shell
-        sock.send_multipart(self.frames(msg_type, content))
-        return self.recv(sock, timeout)
+        msg = self.session.msg(msg_type, content)
+        sock.send_multipart(self.session.serialize(msg))
+        while True:
+            reply = self.recv(sock, timeout)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply
 
     def recv(self, sock, timeout=TIMEOUT) -> dict:
         if not sock.poll(timeout * 1000):
@@ -1554,6 +1558,37 @@ def test_kernel_dies_during_cell(any_own_kernel, env):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == miniconsole.KERNEL_DIED
+
+
+def test_console_stays_responsive_through_an_output_flood(env, tmp_path):
+    "while True: print(...) floods the console; Ctrl-C still stops it, and the prompt returns."
+    k = KernelProcess("minikernel", env, str(tmp_path / "kernel-flood.json"))
+    try:
+        child = spawn_console(env, "--existing", k.path, timeout=30)
+        child.sendline("while True: print('x' * 1000)")
+        child.expect("x" * 1000)
+        child.expect("x" * 1000)  # still flooding
+        start = time.monotonic()
+        child.sendintr()
+        child.expect("KeyboardInterrupt")
+        child.expect(PROMPT)
+        assert time.monotonic() - start < 10
+        assert "2" in type_line(child, "1 + 1")
+        assert leave(child) == 0
+        assert k.alive()
+    finally:
+        k.stop()
+
+
+def test_kill_9_of_a_console_leaves_the_kernel_and_the_other_console(any_kernel, env):
+    doomed = spawn_console(env, "--existing", any_kernel.path)
+    other = spawn_console(env, "--existing", any_kernel.path, "--no-others")  # just our cells
+    type_line(doomed, "before = 'set by the doomed console'")
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.close()
+    assert "set by the doomed console" in type_line(other, "print(before)")
+    assert any_kernel.alive()
+    assert leave(other) == 0
 
 
 ################ miniconsole: piped mode
