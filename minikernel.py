@@ -805,9 +805,11 @@ def send_whole(sock: zmq.Socket, frames: list):
 
 def recv_interruptibly(sock: zmq.Socket) -> list:
     "Wait for a message in the main thread, waking for any signal so its handler runs at once."
-    while True:  # a signal that lands just before a blocking recv would go unnoticed until the
-        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])  # next message, so each
-        if kernel["wakeup"] in readable:  # one also writes a byte to the wakeup pipe
+    # A signal that lands just before a blocking recv would go unnoticed until the next
+    # message. So every signal also writes a byte to the wakeup pipe, and we wait on both.
+    while True:
+        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])
+        if kernel["wakeup"] in readable:
             os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
         if sock in readable:
             return sock.recv_multipart()

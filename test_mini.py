@@ -3805,6 +3805,12 @@ def test_benchmark_smoke_run():
     assert "**no**" not in r.stdout  # every output arrived, exact
 
 
+def test_ruff_check_is_clean():
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", HERE],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+
+
 def test_ci_runs_the_readme_test_command():
     run_kernel, run_tests = readme_commands()[:2]
     assert run_kernel.endswith("python minikernel.py")
