@@ -27,15 +27,12 @@ The sections follow a message's life: the connection file, the wire format, the 
 iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
 """
 
-import argparse
-import ast
 import builtins
 import contextlib
 import getpass
 import hmac
 import io
 import json
-import linecache
 import os
 import re
 import signal
@@ -189,7 +186,10 @@ def sign(session: dict, parts: list) -> bytes:
 
 def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
     "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
-    parts = [json.dumps(msg[k], default=str).encode() for k in DICTS]
+    # UTF-8 rather than \uXXXX escapes: smaller, and quicker to encode. A lone surrogate has no
+    # UTF-8, so backslashreplace writes it as the \udXXX escape that JSON would have used.
+    parts = [json.dumps(msg[k], default=str, ensure_ascii=False).encode(errors="backslashreplace")
+             for k in DICTS]
     return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
 
 
@@ -251,8 +251,13 @@ def heartbeat(hb: zmq.Socket):
 
 FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
+# A longer text goes out in pieces of PIECE_SIZE, so no message is huge. Shaped for speed too:
+# the frontend decodes one piece while we encode the next, so a 10 MiB print arrives in two
+# thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
+PIECE_SIZE = 1 << 20  # characters
+TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
 iopub_lock = threading.RLock()  # re-entrant: a __str__ that prints must not deadlock a flush
-output = {"runs": [], "size": 0}  # buffered text: [[name, [text, ...]], ...] in write order
+output = {"runs": [], "size": 0, "sent": 0}  # runs: [[name, [text, ...]], ...] in write order
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = ""):
@@ -268,7 +273,23 @@ def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
     runs, output["runs"], output["size"] = output["runs"], [], 0
     for name, texts in runs:
-        send_iopub("stream", {"name": name, "text": "".join(texts)}, kernel["parent"]["header"])
+        text = "".join(texts)
+        output["sent"] += len(text)
+        for i in range(0, len(text), PIECE_SIZE):
+            piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
+            send_iopub("stream", piece, kernel["parent"]["header"])
+
+
+def give_back_memory():
+    "After megabytes of output, hand the memory they took back to the OS."
+    # A big print's text, its pieces' JSON and their frames are all freed once sent, but glibc
+    # keeps freed heap for reuse, up to twice the largest block it has seen: a 10 MiB print
+    # would leave the kernel 14 MiB bigger for good. malloc_trim returns it.
+    with iopub_lock:
+        output["sent"] = 0
+    with contextlib.suppress(ImportError, OSError, AttributeError):  # not glibc: nothing to do
+        import ctypes  # here, not at the top: only a kernel that printed megabytes needs it
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def publish(msg_type: str, content: dict, parent: Optional[dict] = None):
@@ -458,6 +479,9 @@ def transform(code: str) -> str:
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
     "Run a cell; return (error content or None, text/plain of its result or None)."
+    import ast  # imported by the first cell, like linecache: a kernel only started stays small
+    import linecache
+
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
     kernel["running"] = True
     try:
@@ -764,6 +788,8 @@ def serve_shell(shell: zmq.Socket):
         frames = recv_interruptibly(shell)
         kernel["interrupted"] = False  # one that came while idle is forgotten
         dispatch("shell", shell, frames, SHELL_HANDLERS)
+        if output["sent"] > TRIM_AFTER:  # now, after the reply and idle: nobody is waiting
+            give_back_memory()
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
@@ -942,6 +968,9 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
+usage: python minikernel.py [-f FILE] [--ip ADDR]
+       python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+
 Start a kernel:
   python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
                                      connection file kernel-<id>.json in the Jupyter runtime dir
@@ -957,18 +986,52 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 """
 
 
-def install(args: argparse.Namespace):
+# Each command's options with their defaults. A True/False one is a switch; the rest take a value.
+OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1"},
+           "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
+                       "--name": "minikernel"}}
+
+
+def parse_args(argv: list) -> tuple[str, dict]:
+    "The command, serve or install, and its options: a bad command line exits with one line."
+    command = "install" if argv[:1] == ["install"] else "serve"
+    opts, args = dict(OPTIONS[command]), iter(argv[command == "install" :])
+    for arg in args:
+        name, eq, value = arg.partition("=")  # --ip ADDR, or --ip=ADDR
+        if arg in ("-h", "--help"):
+            print(HELP, end="")
+            sys.exit(0)
+        if name not in opts:
+            usage_error(f"unknown argument {arg!r}")
+        elif isinstance(opts[name], bool):
+            opts[name] = True
+        elif eq or (value := next(args, None)) is not None:
+            opts[name] = value
+        else:
+            usage_error(f"{name} needs a value")
+    if sum(bool(opts.get(k)) for k in ("--user", "--sys-prefix", "--prefix")) > 1:
+        usage_error("choose one of --user, --sys-prefix and --prefix")
+    return command, opts
+
+
+def usage_error(problem: str):
+    "Say what is wrong with the command line, and exit with 2, the usual code for it."
+    print(f"minikernel.py: {problem} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def install(opts: dict):
     "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
-    prefix = args.prefix or (sys.prefix if args.sys_prefix else None)
+    prefix = opts["--prefix"] or (sys.prefix if opts["--sys-prefix"] else None)
     base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
-    spec_dir = os.path.join(base, "kernels", args.name)
+    spec_dir = os.path.join(base, "kernels", opts["--name"])
     os.makedirs(spec_dir, exist_ok=True)
     spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
-            "display_name": f"Python 3 ({args.name})", "language": "python",
+            "display_name": f"Python 3 ({opts['--name']})", "language": "python",
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    print(f"Installed kernelspec {args.name} in {spec_dir}")
+    print(f"Installed kernelspec {opts['--name']} in {spec_dir}")
 
 
 def remove_connection_file():
@@ -1055,27 +1118,14 @@ def serve(path: Optional[str], ip: str):
     os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
 
 
-def main(argv: Optional[list] = None):
-    "Parse the command line: serve a kernel, or install its kernelspec."
-    parser = argparse.ArgumentParser(
-        prog="minikernel.py", description="A Jupyter kernel in one file.", epilog=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-f", dest="connection_file", metavar="FILE",
-                        help="connection file to bind (written first if it does not exist)")
-    parser.add_argument("--ip", default="127.0.0.1", help="address for a new kernel's sockets")
-    commands = parser.add_subparsers(dest="command", metavar="install")
-    inst = commands.add_parser("install", help="write a kernelspec so Jupyter can start it")
-    where = inst.add_mutually_exclusive_group()
-    where.add_argument("--user", action="store_true", help="for this user (the default)")
-    where.add_argument("--sys-prefix", action="store_true", help="into sys.prefix (a venv)")
-    where.add_argument("--prefix", metavar="DIR", help="into DIR/share/jupyter/kernels")
-    inst.add_argument("--name", default="minikernel", help="kernelspec name (default minikernel)")
-    args = parser.parse_args(argv)
-    if args.command == "install":
-        install(args)
+def main(argv: list):
+    "Serve a kernel, or install its kernelspec, as the command line says."
+    command, opts = parse_args(argv)
+    if command == "install":
+        install(opts)
     else:
-        serve(args.connection_file, args.ip)
+        serve(opts["-f"], opts["--ip"])
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

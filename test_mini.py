@@ -8,6 +8,7 @@ Everything runs in a temporary Jupyter runtime and data dir, never the user's ow
 import atexit
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -320,6 +321,41 @@ def test_print_loop_arrives_exact_in_few_messages(kernel):
     streams = [c["text"] for t, c in outputs if t == "stream"]
     assert "".join(streams) == "".join(f"{i}\n" for i in range(100000))
     assert len(streams) <= 50
+
+
+def test_huge_write_arrives_in_order_in_pieces_of_at_most_1_mib(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "import sys\n"
+                             "big = ''.join(f'{i:07}ü' for i in range(400_000))  # 3.2M chars\n"
+                             "print(big, end='')\nsys.stderr.write('between')\nprint(big[::-1])",
+                         timeout=60)
+    assert reply["status"] == "ok"
+    big = "".join(f"{i:07}ü" for i in range(400_000))
+    streams = [(c["name"], c["text"]) for t, c in outputs if t == "stream"]
+    assert max(len(t) for _, t in streams) <= 1 << 20
+    names = [n for n, _ in streams]
+    assert names[:5] == ["stdout"] * 4 + ["stderr"] and set(names[5:]) == {"stdout"}
+    assert "".join(t for _, t in streams) == big + "between" + big[::-1] + "\n"
+
+
+def test_text_travels_as_utf8_and_a_lone_surrogate_as_its_json_escape(kernel):
+    km, _ = kernel
+    conn = km.get_connection_info()
+    raw = Raw({**conn, "key": conn["key"].decode()})
+    try:
+        raw.recv(raw.iopub, timeout=5)  # our iopub_welcome: subscribed
+        msg = raw.session.msg("execute_request", {"code": "print('ü€ 🐍', '\\ud800')"})
+        raw.shell.send_multipart(raw.session.serialize(msg))
+        while raw.iopub.poll(TIMEOUT * 1000):
+            _, frames = raw.session.feed_identities(raw.iopub.recv_multipart())
+            if b'"stream"' in frames[1]:  # the header: frames are [signature, header, ...]
+                break
+        content = frames[-1]
+        assert "ü€ 🐍".encode() in content and b"\\u00fc" not in content  # UTF-8, not escapes
+        assert b"\\ud800" in content  # the one character UTF-8 cannot carry
+        assert raw.session.deserialize(frames)["content"]["text"] == "ü€ 🐍 \ud800\n"
+    finally:
+        raw.close()
 
 
 def test_output_from_threads_reaches_iopub(kernel):
@@ -1030,6 +1066,29 @@ def test_help_explains_every_mode():
     for mode in ("python minikernel.py ", "-f FILE", "--ip ADDR", "install", "--user",
                  "--sys-prefix", "--prefix DIR", "--name NAME", "miniconsole.py --existing"):
         assert mode in out
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["-f"], "-f needs a value"),
+    (["stray"], "unknown argument 'stray'"),
+    (["install", "--user", "--prefix", "/tmp/x"], "choose one of --user, --sys-prefix and"),
+    (["install", "-f", "x"], "unknown argument '-f'"),
+])
+def test_a_bad_command_line_gets_one_line_and_exit_code_2(argv, problem, tmp_path):
+    out = subprocess.run([sys.executable, KERNEL, *argv], capture_output=True, text=True,
+                         timeout=TIMEOUT, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and problem in out.stderr and "--help" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was installed or written
+
+
+def test_option_equals_value_form(tmp_path):
+    out = subprocess.run([sys.executable, KERNEL, "install", f"--prefix={tmp_path}",
+                          "--name=eq"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/eq/kernel.json").read_text())
+    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}"]
 
 
 def test_install_writes_a_kernelspec_jupyter_can_launch(tmp_path):
@@ -3511,17 +3570,17 @@ def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("code, bound_mb", [
     ("for _ in range(100_000): print('x' * 999)", 64),  # 100 MB in 100,000 lines
-    ("print('x' * 100_000_000)", 512),  # 100 MB in one write
+    ("print('x' * 100_000_000)", 160),  # 100 MB in one write: the string itself, and pieces
 ])
 def test_100mb_cell_memory_bound(hard_kernel, code, bound_mb):
-    "A cell printing 100 MB in all: every byte arrives, and the kernel's peak RSS stays bounded."
+    "A cell printing 100 MB: every byte arrives, in messages of at most 1 MiB, in bounded memory."
     c = Client(hard_kernel.conn)
     try:
         c.wait_ready(hard_kernel)
         base = hard_kernel.rss()
         samples, stop_rss = rss_sampler(hard_kernel.pid, interval=0.01)
         msg_id = c.send(c.shell, "execute_request", {"code": code})
-        total, reply, idle = 0, None, False
+        total, largest, reply, idle = 0, 0, None, False
         deadline = time.monotonic() + 50
         while (reply is None or not idle) and time.monotonic() < deadline:
             if c.shell.poll(0):
@@ -3531,15 +3590,39 @@ def test_100mb_cell_memory_bound(hard_kernel, code, bound_mb):
                 if msg["parent_header"].get("msg_id") == msg_id:
                     if msg["msg_type"] == "stream":
                         total += len(msg["content"]["text"])
+                        largest = max(largest, len(msg["content"]["text"]))
                     idle = msg["content"].get("execution_state") == "idle"
         samples = stop_rss()
         peak = max(r for _, r in samples)
         figure(f"100 MB cell {code!r}", f"RSS {base / MB:.0f} MB before, peak {peak / MB:.0f} MB "
-               f"(+{(peak - base) / MB:.0f} MB), {total / MB:.1f} MB of text received")
+               f"(+{(peak - base) / MB:.0f} MB), {total / MB:.1f} MB of text received, "
+               f"largest stream message {largest:,} characters")
         assert reply is not None and reply["content"]["status"] == "ok"
         assert total == 100_000_000 + (1 if "range" not in code else 0)
+        assert largest <= 1 << 20
         assert peak - base < bound_mb * MB
         assert_serving(hard_kernel, c)
+    finally:
+        c.close()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+@pytest.mark.parametrize("mib", [10, 20])
+def test_memory_goes_back_to_the_os_after_big_prints(hard_kernel, mib):
+    "Three big prints: once they are sent, the kernel's RSS is back within 2 MiB of before."
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        c.execute("print('warm up')")
+        base = hard_kernel.rss()
+        for _ in range(3):
+            reply, outputs = c.execute(f"print('x' * {mib * MB})", timeout=60)
+            assert reply["status"] == "ok"
+            assert sum(len(o["text"]) for t, o in outputs if t == "stream") == mib * MB + 1
+        c.request("kernel_info_request")  # answered after the main thread gave memory back
+        grown = (hard_kernel.rss() - base) / MB
+        figure(f"RSS after three {mib} MiB prints", f"{grown:+.1f} MiB")
+        assert grown < 2, f"the kernel kept {grown:.1f} MiB after three {mib} MiB prints"
     finally:
         c.close()
 
