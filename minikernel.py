@@ -336,7 +336,10 @@ class Stream(io.TextIOBase):
         with iopub_lock:
             runs = output["runs"]
             if runs and runs[-1][0] == self.name:
-                runs[-1][1].append(text)
+                texts = runs[-1][1]
+                texts.append(text)
+                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
             else:  # stdout and stderr interleave in the order they were written
                 runs.append([self.name, [text]])
             output["size"] += len(text)
@@ -776,6 +779,8 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
         reply = answer(error) if reply_type else None
     if reply:
         sock.send_multipart(reply)
+    if output["sent"] > TRIM_AFTER:  # after the reply, before idle: idle means all done
+        give_back_memory()
     status("idle", header)
 
 
@@ -788,8 +793,6 @@ def serve_shell(shell: zmq.Socket):
         frames = recv_interruptibly(shell)
         kernel["interrupted"] = False  # one that came while idle is forgotten
         dispatch("shell", shell, frames, SHELL_HANDLERS)
-        if output["sent"] > TRIM_AFTER:  # now, after the reply and idle: nobody is waiting
-            give_back_memory()
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
