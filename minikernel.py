@@ -804,8 +804,12 @@ def serve_shell(shell: zmq.Socket):
 # whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
 # handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
 
+sigint_taken = threading.Event()  # the main thread has run on_sigint (see interrupt_request)
+
+
 def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
+    sigint_taken.set()
     if kernel["exiting"]:
         raise SystemExit(0)
     kernel["interrupted"] = True
@@ -860,7 +864,16 @@ def force_exit():
 
 def interrupt_request(msg: dict) -> dict:
     "Raise KeyboardInterrupt in the running cell, as Ctrl-C would; harmless when idle."
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    # Python runs signal handlers only at certain points between bytecodes. A signal that
+    # lands after the last one before a blocking call (time.sleep, a lock) is seen only when
+    # the call returns; if the main thread was waiting for the GIL there, that window lasts
+    # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
+    # the call.
+    sigint_taken.clear()
+    for _ in range(2):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if sigint_taken.wait(0.1):
+            break
     return {"status": "ok"}
 
 

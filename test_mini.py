@@ -3307,20 +3307,22 @@ def test_output_from_a_thread_after_its_cell_finished(hard_kernel):
         c.wait_ready(hard_kernel)
         seen = []  # every iopub message, in order, whatever its parent
         reply, _ = c.execute(
+            # One write per line: print() writes the text and the newline separately, and
+            # another thread may write in between, in a kernel as at a terminal.
             "import threading, time, sys\n"
             "def chatter():\n"
             "    for i in range(300):\n"
-            "        print(f'late {i}')\n"
-            "        if i % 3 == 0: print(f'late err {i}', file=sys.stderr)\n"
+            "        sys.stdout.write(f'late {i}\\n')\n"
+            "        if i % 3 == 0: sys.stderr.write(f'late err {i}\\n')\n"
             "        time.sleep(0.005)\n"
-            "    print('late done')\n"
+            "    sys.stdout.write('late done\\n')\n"
             "    time.sleep(0.5)\n"
             "    while True:\n"  # and still printing when the kernel shuts down
             "        print('still here'); time.sleep(0.001)\n"
             "threading.Thread(target=chatter, daemon=True).start()", everything=seen)
         assert reply["status"] == "ok"
         for i in range(10):
-            reply, outputs = c.execute(f"print('cell {i}')", everything=seen)
+            reply, outputs = c.execute(f"sys.stdout.write('cell {i}\\n')", everything=seen)
             assert reply["status"] == "ok"
             cell_text = "".join(o["text"] for t, o in outputs if t == "stream")
             assert f"cell {i}\n" in cell_text.splitlines(True)
