@@ -538,6 +538,89 @@ def test_each_new_subscriber_gets_its_own_welcome(kernel):
             raw.close()
 
 
+################ Watching the wire: the kernel's --show-messages
+
+
+TRACE_LINE = re.compile(r"^\[minikernel\] +(shell|iopub|stdin|control) (<-|->) (\w+) +(.*)$")
+
+
+def traced(tmp_path, cells, stdin=()) -> list:
+    "Run cells on a kernel started with --show-messages: its trace, as (channel, arrow, type)."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    kc = BlockingKernelClient(connection_file=conn["path"])
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        for code in cells:
+            run(kc, code, stdin=stdin)
+    finally:
+        kc.stop_channels()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert "hb pings are raw bytes echoed in C, not shown" in err.splitlines()[0]
+    return lines
+
+
+def one_request(lines: list, code_start: str) -> list:
+    "The traced messages from the execute_request whose code starts so, to its idle."
+    start = next(i for i, (ch, arrow, kind, content) in enumerate(lines)
+                 if kind == "execute_request" and content.startswith(f'{{"code": {code_start}'))
+    end = next(i for i in range(start, len(lines)) if lines[i][2] == "status"
+               and "idle" in lines[i][3])
+    return [(ch, arrow, kind) for ch, arrow, kind, _ in lines[start : end + 1]]
+
+
+def docstring_transcripts() -> list:
+    "The two transcripts at the top of minikernel.py, as lists of (channel, arrow, type)."
+    with open(KERNEL) as f:
+        doc = f.read().split('"""')[1]
+    blocks = re.findall(r"((?:^ {6}\w+ (?:<-|->) \w+.*\n)+)", doc, re.M)
+    return [[tuple(line.split()[:3]) for line in block.splitlines()] for block in blocks]
+
+
+def test_the_transcript_at_the_top_is_what_really_travels(tmp_path):
+    lines = traced(tmp_path, ['print("hi"); 1 + 1', 'name = input("Name? ")'], stdin=["Ada"])
+    cell, ask = docstring_transcripts()
+    assert one_request(lines, r'"print(\"hi\")') == cell
+    assert one_request(lines, r'"name = input(') == ask
+    assert ("shell", "<-", "kernel_info_request") in [line[:3] for line in lines]
+
+
+def test_show_messages_never_breaks_a_session(tmp_path):
+    "Huge output, a lone surrogate, binary buffers and unprintable content are all shortened."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    raw = Raw(conn)
+    try:
+        wait_ready(raw, proc)
+        msg = raw.session.msg("execute_request", {"code": "print('x' * 3_000_000, '\\ud800')",
+                                                  "silent": False})
+        raw.shell.send_multipart(raw.session.serialize(msg) + [b"\xff\xfe raw", b"\x00"])
+        assert raw.recv(raw.shell)["content"]["status"] == "ok"
+        assert raw.request("execute_request", {"code": "1", "silent": False}
+                           )["content"]["status"] == "ok"
+    finally:
+        raw.close()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert ("shell", "<-", "execute_request") in [line[:3] for line in lines]
+    assert any(content.endswith("+2 buffers") for _, _, kind, content in lines
+               if kind == "execute_request")
+    streams = [content for _, _, kind, content in lines if kind == "stream"]
+    assert len(streams) >= 3 and all(len(c) <= 80 for c in streams)  # 1 MiB pieces, shortened
+    assert max(map(len, err.splitlines())) < 200
+    assert "Traceback" not in err
+
+
+def test_install_show_messages_writes_a_tracing_kernelspec(tmp_path):
+    subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path),
+                    "--show-messages"], check=True, capture_output=True, timeout=TIMEOUT)
+    spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel-trace/kernel.json")
+                      .read_text())
+    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}", "--show-messages"]
+    assert spec["display_name"] == "Python 3 (minikernel-trace)"
+
+
 ################ Control: interrupt, heartbeat, shutdown
 
 
