@@ -186,9 +186,11 @@ def write_connection_file(path: str, conn: dict):
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
@@ -352,8 +354,10 @@ def iopub_ticker(iopub: zmq.Socket):
                 return
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
-                if event[:1] == b"\x01":
+                if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
+                    # Published on that topic, so zmq's prefix matching hands it to everyone
+                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
             flush_output()
 
@@ -930,7 +934,7 @@ def shutdown_request(msg: dict) -> dict:
 CONTROL_HANDLERS = {
     "shutdown_request": shutdown_request,
     "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
 }
 
 
