@@ -602,6 +602,7 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
           "Magics: %connect_info, %console, %debug; obj? and obj?? for help.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
@@ -1102,7 +1103,7 @@ def install(opts: dict):
     # SIGINT to our process group, the same way a console attached with --existing must.
     spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}",
                      *["--show-messages"] * trace],
-            "display_name": f"Python 3 ({name})", "language": "python",
+            "display_name": f"{DISPLAY_NAME} ({name})", "language": LANGUAGE_INFO["name"],
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)

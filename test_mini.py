@@ -209,6 +209,53 @@ class TestIopubWelcome(jupyter_kernel_test.IopubWelcomeTests):
     support_iopub_welcome = True
 
 
+def recipe_blocks() -> list:
+    "The python blocks of the README's 'Make it a kernel for another language'."
+    text = readme()
+    part = text[text.index("## Make it a kernel for another language"):]
+    part = part[: part.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", part, re.S)
+
+
+def replace_definitions(source: str, block: str) -> str:
+    "Put each top-level def or assignment of block in place of the one of the same name."
+    import ast
+
+    def spans(text: str) -> dict:  # name -> (first, last line) of each def or assignment
+        return {getattr(n, "name", None) or n.targets[0].id: (n.lineno - 1, n.end_lineno)
+                for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.Assign))}
+    lines, new, old = source.splitlines(True), block.splitlines(True), spans(source)
+    for name, (a, b) in sorted(spans(block).items(), key=lambda item: -old[item[0]][0]):
+        start, end = old[name]  # from the bottom up, so the line numbers above still hold
+        lines[start:end] = new[a:b]
+    return "".join(lines)
+
+
+class TestEchoKernelFromTheRecipe(jupyter_kernel_test.KernelTests):
+    "The README's recipe, applied to a copy of minikernel.py, is a working kernel."
+
+    kernel_name = "echo-recipe"
+    language_name = "echo"
+    file_extension = ".txt"
+    code_hello_world = "hello, world"
+    complete_code_samples = ["for i in range(3):", "x = ("]
+    code_history_pattern = "hel*"
+    supported_history_operations = ("tail", "range", "search")
+
+    @classmethod
+    def setUpClass(cls):
+        with open(KERNEL) as f:
+            source = f.read()
+        for block in recipe_blocks():
+            source = replace_definitions(source, block)
+        path = os.path.join(JUPYTER_HOME, "echo.py")
+        with open(path, "w") as f:
+            f.write(source)
+        subprocess.run([sys.executable, path, "install", "--user", "--name", cls.kernel_name],
+                       check=True, capture_output=True, timeout=TIMEOUT)
+        super().setUpClass()
+
+
 ################ Execution: REPL semantics
 
 
