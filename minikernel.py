@@ -1086,6 +1086,8 @@ def serve(path: Optional[str], ip: str):
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
+        sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)

@@ -1117,6 +1117,96 @@ def test_pep723_metadata_declares_pyzmq():
 
 
 
+################ Notebook Python: what IPython users expect of a cell, and nothing lost below it
+
+
+def test_the_working_directory_is_first_on_sys_path_and_the_kernels_folder_is_not(tmp_path):
+    (tmp_path / "mymodule.py").write_text("VALUE = 'found in the working directory'\n")
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT, cwd=str(tmp_path))
+    try:
+        reply, outputs = run(kc, f"import mymodule, sys\nprint(mymodule.VALUE)\n{HERE!r} in sys.path")
+        assert reply["status"] == "ok", reply
+        assert text(outputs) == "found in the working directory\n"
+        assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+TEMPLATES = '''sql = """
+exit
+%d items
+what?
+!not a command
+"""
+printf = ("%s of %d"
+          % ("x", 3))
+y = (10
+     % 3)
+z = 7 \\
+    % 4
+(sql, printf, y, z)'''
+
+
+def test_rewriting_leaves_strings_brackets_and_continuation_lines_alone(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, TEMPLATES)
+    assert reply["status"] == "ok", reply
+    [result] = [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"]
+    assert result == repr(("\nexit\n%d items\nwhat?\n!not a command\n", "x of 3", 1, 3))
+
+
+def test_magics_help_and_exit_are_recognised_at_the_start_of_a_statement(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "for i in range(1):\n    len?\n# a comment\nx = [1,\n  2]\nlen??")
+    assert [p["data"]["text/plain"].split("\n")[0] for p in reply["payload"]] == [
+        "Type:      builtin_function_or_method"] * 2
+    reply, _ = run(kc, "if True:\n    exit")
+    assert reply["payload"] == [{"source": "ask_exit", "keepkernel": False}]
+
+
+def test_line_numbers_stay_right_after_rewriting(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, 's = """\nwhat?\n"""\n%connect_info\nlen?\n1/0')
+    assert reply["ename"] == "ZeroDivisionError"
+    assert "Cell In[" in reply["traceback"][1] and ", line 6" in reply["traceback"][1]
+
+
+def test_a_trailing_semicolon_hides_the_result_but_still_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "hidden = []\nhidden.append(1) or 42;  # no Out")
+    assert reply["status"] == "ok"
+    assert [t for t, c in outputs if t == "execute_result"] == []
+    reply, outputs = run(kc, "hidden; len(hidden)")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["1"]
+    reply, outputs = run(kc, "s = 'a;'\ns")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["'a;'"]
+
+
+def test_a_cell_indented_as_a_whole_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "    a = 2\n    if a:\n\n        a += 1\n    a")
+    assert reply["status"] == "ok", reply
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["3"]
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("    x = 1", {"status": "complete"}),
+    ("    for i in range(3):", {"status": "incomplete", "indent": "        "}),
+    ("    for i in range(3):\n        print(i)", {"status": "incomplete", "indent": "        "}),
+    ('s = """\nexit', {"status": "incomplete", "indent": ""}),
+    ("y = (10\n     % 3", {"status": "incomplete", "indent": "     "}),
+    ("1 + 1;", {"status": "complete"}),
+    ("!ls 'unbalanced", {"status": "complete"}),
+    ("await x", {"status": "complete"}),
+    ("async with x:", {"status": "incomplete", "indent": "    "}),
+])
+def test_is_complete_agrees_with_how_a_cell_runs(kernel, code, expected):
+    _, kc = kernel
+    kc.is_complete(code)
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
