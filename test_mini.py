@@ -1124,7 +1124,8 @@ def test_the_working_directory_is_first_on_sys_path_and_the_kernels_folder_is_no
     (tmp_path / "mymodule.py").write_text("VALUE = 'found in the working directory'\n")
     km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT, cwd=str(tmp_path))
     try:
-        reply, outputs = run(kc, f"import mymodule, sys\nprint(mymodule.VALUE)\n{HERE!r} in sys.path")
+        code = f"import mymodule, sys\nprint(mymodule.VALUE)\n{HERE!r} in sys.path"
+        reply, outputs = run(kc, code)
         assert reply["status"] == "ok", reply
         assert text(outputs) == "found in the working directory\n"
         assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
