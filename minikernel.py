@@ -455,29 +455,64 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
-# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
-# __magic__ before compiling, line for line, so tracebacks still point at the right line.
-# A bare `exit` or `quit` means exit(), as in IPython.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
+# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
+# (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
+# point at the right line. Only the tokenizer knows where a statement starts (never inside a
+# string, open brackets or after a backslash), so it reads the cell one line at a time, and each
+# line is rewritten, if it starts a statement, just before the tokenizer reads it.
 
-MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
-HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
-EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
+SPECIAL = [  # a line that starts a statement -> the Python call it means
+    (re.compile(r"(\s*)%(%?\w+)(.*)"), lambda m: f"{m[1]}__magic__({m[2]!r}, {m[3].strip()!r})"),
+    (re.compile(r"(\s*)!(.*)"), lambda m: f"{m[1]}__magic__('system', {m[2].strip()!r})"),
+    (re.compile(r"(\s*)([A-Za-z_][\w.]*)(\?\??)\s*"),  # obj?  obj??
+     lambda m: f"{m[1]}__magic__({'pinfo2' if m[3] == '??' else 'pinfo'!r}, {m[2]!r})"),
+    (re.compile(r"(\s*)(exit|quit)\s*"), lambda m: f"{m[1]}{m[2]}()"),
+]
 
 
-def transform(code: str) -> str:
-    "Rewrite magic and help lines as Python calls, keeping line numbers."
-    def line(text):
-        if m := MAGIC_LINE.match(text):
-            indent, name, arg = m.groups()
-            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
-        if m := HELP_LINE.match(text):
-            indent, name, marks = m.groups()
-            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
-        if m := EXIT_LINE.match(text):
-            return f"{m.group(1)}{m.group(2)}()"
-        return text
-    return "\n".join(map(line, code.split("\n")))
+def rewrite(line: str) -> str:
+    "A line that starts a statement, with IPython's syntax in it made a Python call."
+    body = line.rstrip("\r\n")
+    for pattern, call in SPECIAL:
+        if m := pattern.fullmatch(body):
+            return call(m) + line[len(body) :]
+    return line
+
+
+def dedent(code: str) -> list:
+    "The cell's lines, without the indentation that all of them share (a pasted block)."
+    lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
+                                   for line in lines if line.strip()])
+    return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
+
+
+def transform(code: str) -> tuple[str, bool]:
+    "The cell as Python source, and whether a `;` ends it (hiding its result)."
+    import tokenize
+    lines, read = dedent(code), []
+    starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
+
+    def readline() -> str:
+        if len(read) == len(lines):
+            return ""
+        read.append(rewrite(lines[len(read)]) if starts else lines[len(read)])
+        return read[-1]
+
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # compile() will say what is wrong
+        for tok in tokenize.generate_tokens(readline):
+            if tok.type == tokenize.OP and tok.string in ("(", "[", "{", ")", "]", "}"):
+                depth += 1 if tok.string in ("(", "[", "{") else -1
+            # A line starts a statement when the one before ended one: NEWLINE, or NL outside
+            # brackets (a blank or comment line), on that line (not a string's first line).
+            starts = tok.type in (tokenize.NEWLINE, tokenize.NL) and depth <= 0 \
+                and tok.end[0] == len(read)
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                tokenize.DEDENT, tokenize.ENDMARKER):
+                last = tok.string
+    return "".join(read + lines[len(read) :]), last == ";"
 
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
@@ -489,13 +524,14 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     kernel["running"] = True
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
-        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
+        source, quiet = transform(code)
+        tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         exec(compile(tree, name, "exec"), user.__dict__)
         if last is None:
             return None, None
         value = eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
-        if value is None or silent:
+        if value is None or silent or quiet:
             return None, None
         user._ = value
         data, metadata = mimebundle(value)
@@ -686,19 +722,20 @@ def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
     import codeop
     import warnings
-    source = transform(msg["content"]["code"])
+    code = msg["content"]["code"]
+    source, _ = transform(code)
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
             compiled = codeop.compile_command(source, "<cell>", "exec")
     except (SyntaxError, ValueError, OverflowError):
         return {"status": "invalid"}
-    last = source.split("\n")[-1]
+    last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if indent and last.strip():  # inside an indented block: a blank line ends it
-        return {"status": "incomplete", "indent": indent}
+    if source.split("\n")[-1][:1] in (" ", "\t") and last.strip():  # in a block: a blank line
+        return {"status": "incomplete", "indent": indent}  # ends it
     return {"status": "complete"}
 
 

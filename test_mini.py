@@ -1199,8 +1199,6 @@ def test_a_cell_indented_as_a_whole_runs(kernel):
     ("y = (10\n     % 3", {"status": "incomplete", "indent": "     "}),
     ("1 + 1;", {"status": "complete"}),
     ("!ls 'unbalanced", {"status": "complete"}),
-    ("await x", {"status": "complete"}),
-    ("async with x:", {"status": "incomplete", "indent": "    "}),
 ])
 def test_is_complete_agrees_with_how_a_cell_runs(kernel, code, expected):
     _, kc = kernel
