@@ -827,6 +827,8 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
         kernel["interrupted"] = False  # one that came while idle is forgotten
         dispatch("shell", shell, frames, SHELL_HANDLERS)

@@ -1206,6 +1206,23 @@ def test_is_complete_agrees_with_how_a_cell_runs(kernel, code, expected):
     assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
 
 
+@pytest.mark.parametrize("handler", ["signal.SIG_DFL", "signal.default_int_handler",
+                                     "lambda *args: None"])
+def test_a_cell_that_replaces_the_sigint_handler_does_not_take_the_kernels(fresh_kernel, handler):
+    km, kc = fresh_kernel
+    assert run(kc, f"import signal; signal.signal(signal.SIGINT, {handler})")[0]["status"] == "ok"
+    km.interrupt_kernel()  # while idle: harmless
+    time.sleep(0.5)
+    assert km.is_alive()
+    kc.execute("import time; time.sleep(30)")
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    time.sleep(0.2)
+    km.interrupt_kernel()
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["ename"] == "KeyboardInterrupt"
+    assert run(kc, "'still here'")[0]["status"] == "ok"
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
