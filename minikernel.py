@@ -888,11 +888,18 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
 
 
 def leave(reason: str):
-    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
     log(f"shutting down: {reason}")
     kernel["exiting"] = True
-    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
 
 
 def force_exit():
@@ -1163,6 +1170,7 @@ def serve(path: Optional[str], ip: str):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        force_exit_soon()
         code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
@@ -1172,7 +1180,7 @@ def serve(path: Optional[str], ip: str):
     sockets["stdin"].close()
     ctx.term()  # waits for control and hb to close, and for queued messages to leave
     remove_connection_file()
-    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+    sys.exit(code)  # a normal exit, as a Python script's: atexit handlers run, open files flush
 
 
 def main(argv: list):

@@ -1223,6 +1223,49 @@ def test_a_cell_that_replaces_the_sigint_handler_does_not_take_the_kernels(fresh
     assert run(kc, "'still here'")[0]["status"] == "ok"
 
 
+LEAVING_CODE = """\
+import atexit
+unclosed = open({unclosed!r}, "w")
+unclosed.write("written, never closed")
+
+def at_exit():
+    with open({marker!r}, "w") as f:
+        f.write("atexit ran")
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart", "SIGTERM"])
+def test_leaving_runs_atexit_and_flushes_open_files(fresh_kernel, tmp_path, how):
+    km, kc = fresh_kernel
+    unclosed, marker = tmp_path / "unclosed.txt", tmp_path / "atexit.txt"
+    code = LEAVING_CODE.format(unclosed=str(unclosed), marker=str(marker))
+    assert run(kc, code)[0]["status"] == "ok"
+    process = km.provisioner.process
+    if how == "restart":
+        km.restart_kernel(now=False)  # shutdown_request with restart: True, then a new process
+    elif how == "shutdown":
+        kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+        assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=5) == 0
+    assert unclosed.read_text() == "written, never closed"
+    assert marker.read_text() == "atexit ran"
+
+
+def test_a_thread_that_never_ends_does_not_keep_a_shut_down_kernel_alive(fresh_kernel):
+    km, kc = fresh_kernel
+    run(kc, "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "import atexit; atexit.register(time.sleep, 60)")
+    kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+    assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    start = time.monotonic()
+    km.provisioner.process.wait(timeout=5)
+    assert time.monotonic() - start < 3
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
