@@ -69,6 +69,7 @@ kernel = {
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 
@@ -76,7 +77,7 @@ user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, a
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
-        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+        print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -271,6 +272,7 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    read_fds()  # what C code or a subprocess wrote before now goes out now too
     runs, output["runs"], output["size"] = output["runs"], [], 0
     for name, texts in runs:
         text = "".join(texts)
@@ -324,25 +326,20 @@ class Stream(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        return self.fd  # what is written to it there arrives too: see Output below Python
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         with iopub_lock:
-            runs = output["runs"]
-            if runs and runs[-1][0] == self.name:
-                texts = runs[-1][1]
-                texts.append(text)
-                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
-            else:  # stdout and stderr interleave in the order they were written
-                runs.append([self.name, [text]])
-            output["size"] += len(text)
+            buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
         return len(text)
@@ -350,6 +347,19 @@ class Stream(io.TextIOBase):
     def flush(self):
         with iopub_lock:
             flush_output()
+
+
+def buffer_output(name: str, text: str):
+    "Add text to the output buffer, to be published on the next flush (lock held)."
+    runs = output["runs"]
+    if runs and runs[-1][0] == name:
+        texts = runs[-1][1]
+        texts.append(text)
+        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+    else:  # stdout and stderr interleave in the order they were written
+        runs.append([name, [text]])
+    output["size"] += len(text)
 
 
 ################ Rich output: display_data, execute_result, clear_output
@@ -1027,6 +1037,51 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
           "pinfo2": lambda arg: pinfo(arg, detail=1)}
 
 
+################ Output below Python: file descriptors 1 and 2, forwarded to the streams
+
+# C code, subprocesses and forked children do not write to sys.stdout: they write to file
+# descriptors 1 and 2. So at startup both become pipes (the terminal's fd 2 is kept, for log()).
+# A forwarder thread wakes when a pipe has data and adds it to the output buffer; every flush
+# also takes what is waiting, so what was written before a reply is published before it. A read
+# takes one pipe-full at most: a flood from a child stays in bounded pieces, and the full pipe
+# makes the child wait (that is the backpressure).
+
+PIPE_READ = 1 << 16  # bytes: what a Linux pipe holds
+pipes = []  # [(read end, stream name, its UTF-8 decoder)], for fds 1 and 2 once captured
+
+
+def capture_fds():
+    "Point fds 1 and 2 at pipes the forwarder reads; log() keeps the terminal's fd 2."
+    import codecs  # (already imported by every Python: io needs it)
+    sys.__stdout__.flush()
+    sys.__stderr__.flush()
+    kernel["terminal"] = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)  # fds 1 and 2 stay inheritable: subprocesses write here
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        pipes.append((read_end, name, codecs.getincrementaldecoder("utf-8")(errors="replace")))
+
+
+def read_fds():
+    "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
+        with contextlib.suppress(BlockingIOError):  # nothing waiting
+            if text := decoder.decode(os.read(read_end, PIPE_READ)):
+                buffer_output(name, text)
+
+
+def forward_fds():
+    "The forwarder thread: whenever a pipe has data, move it to the output buffer."
+    while True:
+        zmq.select([read_end for read_end, _, _ in pipes], [], [])
+        with iopub_lock:
+            read_fds()
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
+
+
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
@@ -1129,6 +1184,12 @@ def serve(path: Optional[str], ip: str):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
+              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
@@ -1137,7 +1198,8 @@ def serve(path: Optional[str], ip: str):
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
-    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
+    capture_fds()
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
@@ -1146,7 +1208,7 @@ def serve(path: Optional[str], ip: str):
     signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
-               (iopub_ticker, sockets["iopub"])]
+               (iopub_ticker, sockets["iopub"]), (forward_fds,)]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
@@ -1156,13 +1218,6 @@ def serve(path: Optional[str], ip: str):
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
-    if kernel["wrote_file"]:
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
-              f"    python miniconsole.py --existing\n"
-              f"    jupyter console --existing {kernel['connection_file']}\n"
-              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
-              file=sys.__stdout__, flush=True)
     code = 0
     try:
         serve_shell(sockets["shell"])

@@ -1266,6 +1266,48 @@ def test_a_thread_that_never_ends_does_not_keep_a_shut_down_kernel_alive(fresh_k
     assert time.monotonic() - start < 3
 
 
+BELOW_PYTHON = r"""
+import ctypes, faulthandler, os, subprocess, sys
+os.system("echo from os.system; echo to fd 2 from os.system >&2")
+subprocess.run(["echo", "from subprocess.run"])
+os.write(1, b"from os.write(1)\n")
+libc = ctypes.CDLL(None)
+libc.puts(b"from C puts")
+libc.fflush(None)
+faulthandler.enable()
+faulthandler.dump_traceback(all_threads=False)
+print("fileno", sys.stdout.fileno(), sys.stderr.fileno())
+"""
+
+
+def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, BELOW_PYTHON)
+    assert reply["status"] == "ok", reply
+    out, err = text(outputs), text(outputs, "stderr")
+    for line in ("from os.system", "from subprocess.run", "from os.write(1)", "from C puts",
+                 "fileno 1 2"):
+        assert f"{line}\n" in out
+    assert "to fd 2 from os.system\n" in err
+    assert "Current thread" in err or "Stack (most recent call first)" in err  # faulthandler
+
+
+def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
+    proc, _, raw, _ = raw_kernel
+    raw.shell.send_multipart(raw.frames("frobnicate_request", {}))
+    raw.request("execute_request", {"code": "import os; os.write(2, b'user fd 2\\n')"})
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+    streams = []
+    while raw.iopub.poll(500):
+        msg = raw.recv(raw.iopub)
+        if msg["msg_type"] == "stream":
+            streams.append(msg["content"]["text"])
+    log = stop(proc)
+    assert "unknown msg_type 'frobnicate_request'" in log
+    assert "user fd 2" not in log
+    assert "user fd 2\n" in "".join(streams) and "frobnicate" not in "".join(streams)
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
@@ -3204,7 +3246,8 @@ def test_keys_never_reach_the_logs(tmp_path):
         other.close()
         k.stop()
     log, out = k.log(), k.out()
-    assert "unknown msg_type" in log and "bad signature" in log and "to stderr" in log
+    assert "unknown msg_type" in log and "bad signature" in log
+    assert "to stderr" not in log  # fd 2 is the cell's now: the log keeps a copy of the terminal
     assert key not in log
     assert key not in out
 
