@@ -1072,6 +1072,16 @@ def read_fds():
                 buffer_output(name, text)
 
 
+def in_forked_child():
+    "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
+    # Only the forking thread lives on in a child: a lock that another thread held at the fork
+    # stays held for good, and the kernel's sockets are not the child's to use.
+    global iopub_lock
+    iopub_lock = threading.RLock()
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+
+
 def forward_fds():
     "The forwarder thread: whenever a pipe has data, move it to the output buffer."
     while True:
@@ -1200,6 +1210,7 @@ def serve(path: Optional[str], ip: str):
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
     sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
     capture_fds()
+    os.register_at_fork(after_in_child=in_forked_child)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)

@@ -1308,6 +1308,60 @@ def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel
     assert "user fd 2\n" in "".join(streams) and "frobnicate" not in "".join(streams)
 
 
+FORKED = """
+import multiprocessing
+fork = multiprocessing.get_context("fork")
+
+def square(x):
+    return x * x
+
+child = fork.Process(target=print, args=("printed by a child",))
+child.start()
+child.join(10)
+with fork.Pool(2) as pool:
+    squares = pool.map(square, range(6))
+(child.exitcode, squares)
+"""
+
+
+def test_a_forked_childs_prints_reach_the_cell_and_pool_map_works(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, FORKED)
+    assert reply["status"] == "ok", reply
+    assert "printed by a child\n" in text(outputs)
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == [
+        "(0, [0, 1, 4, 9, 16, 25])"]
+
+
+FORK_WHILE_PRINTING = """
+import multiprocessing, sys, threading
+fork = multiprocessing.get_context("fork")
+done = threading.Event()
+
+def chatter():  # takes the streams' lock over and over, as a thread that prints does
+    while not done.is_set():
+        sys.stdout.write("")
+
+threading.Thread(target=chatter, daemon=True).start()
+try:
+    for i in range(300):
+        child = fork.Process(target=print, args=(f"child {i}",))
+        child.start()
+        child.join(10)
+        assert child.exitcode == 0, f"child {i} hung: exit code {child.exitcode}"
+finally:
+    done.set()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_forking_while_another_thread_prints_never_deadlocks_the_child(fresh_kernel):
+    _, kc = fresh_kernel
+    reply, outputs = run(kc, FORK_WHILE_PRINTING, timeout=90)
+    assert reply["status"] == "ok", reply["traceback"]
+    assert sorted(text(outputs).splitlines()) == sorted(f"child {i}" for i in range(300))
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
