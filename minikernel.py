@@ -94,6 +94,7 @@ kernel = {
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
     "trace": False,  # --show-messages: log every message received and sent
+    "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 
@@ -101,7 +102,7 @@ user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, a
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
-        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+        print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
 
 
 def trace(arrow: str, channel: str, msg: dict):
@@ -312,6 +313,7 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    read_fds()  # what C code or a subprocess wrote before now goes out now too
     runs, output["runs"], output["size"] = output["runs"], [], 0
     for name, texts in runs:
         text = "".join(texts)
@@ -367,25 +369,20 @@ class Stream(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        return self.fd  # what is written to it there arrives too: see Output below Python
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         with iopub_lock:
-            runs = output["runs"]
-            if runs and runs[-1][0] == self.name:
-                texts = runs[-1][1]
-                texts.append(text)
-                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
-            else:  # stdout and stderr interleave in the order they were written
-                runs.append([self.name, [text]])
-            output["size"] += len(text)
+            buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
         return len(text)
@@ -393,6 +390,19 @@ class Stream(io.TextIOBase):
     def flush(self):
         with iopub_lock:
             flush_output()
+
+
+def buffer_output(name: str, text: str):
+    "Add text to the output buffer, to be published on the next flush (lock held)."
+    runs = output["runs"]
+    if runs and runs[-1][0] == name:
+        texts = runs[-1][1]
+        texts.append(text)
+        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+    else:  # stdout and stderr interleave in the order they were written
+        runs.append([name, [text]])
+    output["size"] += len(text)
 
 
 ################ Rich output: display_data, execute_result, clear_output
@@ -500,29 +510,64 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
-# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
-# __magic__ before compiling, line for line, so tracebacks still point at the right line.
-# A bare `exit` or `quit` means exit(), as in IPython.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
+# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
+# (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
+# point at the right line. Only the tokenizer knows where a statement starts (never inside a
+# string, open brackets or after a backslash), so it reads the cell one line at a time, and each
+# line is rewritten, if it starts a statement, just before the tokenizer reads it.
 
-MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
-HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
-EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
+SPECIAL = [  # a line that starts a statement -> the Python call it means
+    (re.compile(r"(\s*)%(%?\w+)(.*)"), lambda m: f"{m[1]}__magic__({m[2]!r}, {m[3].strip()!r})"),
+    (re.compile(r"(\s*)!(.*)"), lambda m: f"{m[1]}__magic__('system', {m[2].strip()!r})"),
+    (re.compile(r"(\s*)([A-Za-z_][\w.]*)(\?\??)\s*"),  # obj?  obj??
+     lambda m: f"{m[1]}__magic__({'pinfo2' if m[3] == '??' else 'pinfo'!r}, {m[2]!r})"),
+    (re.compile(r"(\s*)(exit|quit)\s*"), lambda m: f"{m[1]}{m[2]}()"),
+]
 
 
-def transform(code: str) -> str:
-    "Rewrite magic and help lines as Python calls, keeping line numbers."
-    def line(text):
-        if m := MAGIC_LINE.match(text):
-            indent, name, arg = m.groups()
-            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
-        if m := HELP_LINE.match(text):
-            indent, name, marks = m.groups()
-            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
-        if m := EXIT_LINE.match(text):
-            return f"{m.group(1)}{m.group(2)}()"
-        return text
-    return "\n".join(map(line, code.split("\n")))
+def rewrite(line: str) -> str:
+    "A line that starts a statement, with IPython's syntax in it made a Python call."
+    body = line.rstrip("\r\n")
+    for pattern, call in SPECIAL:
+        if m := pattern.fullmatch(body):
+            return call(m) + line[len(body) :]
+    return line
+
+
+def dedent(code: str) -> list:
+    "The cell's lines, without the indentation that all of them share (a pasted block)."
+    lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
+                                   for line in lines if line.strip()])
+    return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
+
+
+def transform(code: str) -> tuple[str, bool]:
+    "The cell as Python source, and whether a `;` ends it (hiding its result)."
+    import tokenize
+    lines, read = dedent(code), []
+    starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
+
+    def readline() -> str:
+        if len(read) == len(lines):
+            return ""
+        read.append(rewrite(lines[len(read)]) if starts else lines[len(read)])
+        return read[-1]
+
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # compile() will say what is wrong
+        for tok in tokenize.generate_tokens(readline):
+            if tok.type == tokenize.OP and tok.string in ("(", "[", "{", ")", "]", "}"):
+                depth += 1 if tok.string in ("(", "[", "{") else -1
+            # A line starts a statement when the one before ended one: NEWLINE, or NL outside
+            # brackets (a blank or comment line), on that line (not a string's first line).
+            starts = tok.type in (tokenize.NEWLINE, tokenize.NL) and depth <= 0 \
+                and tok.end[0] == len(read)
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                tokenize.DEDENT, tokenize.ENDMARKER):
+                last = tok.string
+    return "".join(read + lines[len(read) :]), last == ";"
 
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
@@ -534,13 +579,14 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     kernel["running"] = True
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
-        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
+        source, quiet = transform(code)
+        tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         exec(compile(tree, name, "exec"), user.__dict__)
         if last is None:
             return None, None
         value = eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
-        if value is None or silent:
+        if value is None or silent or quiet:
             return None, None
         user._ = value
         data, metadata = mimebundle(value)
@@ -732,19 +778,20 @@ def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
     import codeop
     import warnings
-    source = transform(msg["content"]["code"])
+    code = msg["content"]["code"]
+    source, _ = transform(code)
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
             compiled = codeop.compile_command(source, "<cell>", "exec")
     except (SyntaxError, ValueError, OverflowError):
         return {"status": "invalid"}
-    last = source.split("\n")[-1]
+    last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if indent and last.strip():  # inside an indented block: a blank line ends it
-        return {"status": "incomplete", "indent": indent}
+    if source.split("\n")[-1][:1] in (" ", "\t") and last.strip():  # in a block: a blank line
+        return {"status": "incomplete", "indent": indent}  # ends it
     return {"status": "complete"}
 
 
@@ -839,6 +886,8 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
         kernel["interrupted"] = False  # one that came while idle is forgotten
         dispatch("shell", shell, frames, SHELL_HANDLERS)
@@ -898,11 +947,18 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
 
 
 def leave(reason: str):
-    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
     log(f"shutting down: {reason}")
     kernel["exiting"] = True
-    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
 
 
 def force_exit():
@@ -1030,6 +1086,61 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
           "pinfo2": lambda arg: pinfo(arg, detail=1)}
 
 
+################ Output below Python: file descriptors 1 and 2, forwarded to the streams
+
+# C code, subprocesses and forked children do not write to sys.stdout: they write to file
+# descriptors 1 and 2. So at startup both become pipes (the terminal's fd 2 is kept, for log()).
+# A forwarder thread wakes when a pipe has data and adds it to the output buffer; every flush
+# also takes what is waiting, so what was written before a reply is published before it. A read
+# takes one pipe-full at most: a flood from a child stays in bounded pieces, and the full pipe
+# makes the child wait (that is the backpressure).
+
+PIPE_READ = 1 << 16  # bytes: what a Linux pipe holds
+pipes = []  # [(read end, stream name, its UTF-8 decoder)], for fds 1 and 2 once captured
+
+
+def capture_fds():
+    "Point fds 1 and 2 at pipes the forwarder reads; log() keeps the terminal's fd 2."
+    import codecs  # (already imported by every Python: io needs it)
+    sys.__stdout__.flush()
+    sys.__stderr__.flush()
+    kernel["terminal"] = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)  # fds 1 and 2 stay inheritable: subprocesses write here
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        pipes.append((read_end, name, codecs.getincrementaldecoder("utf-8")(errors="replace")))
+
+
+def read_fds():
+    "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
+        with contextlib.suppress(BlockingIOError):  # nothing waiting
+            if text := decoder.decode(os.read(read_end, PIPE_READ)):
+                buffer_output(name, text)
+
+
+def in_forked_child():
+    "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
+    # Only the forking thread lives on in a child: a lock that another thread held at the fork
+    # stays held for good, and the kernel's sockets are not the child's to use.
+    global iopub_lock
+    iopub_lock = threading.RLock()
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+
+
+def forward_fds():
+    "The forwarder thread: whenever a pipe has data, move it to the output buffer."
+    while True:
+        zmq.select([read_end for read_end, _, _ in pipes], [], [])
+        with iopub_lock:
+            read_fds()
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
+
+
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
@@ -1143,16 +1254,26 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
+              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
     if show_messages:
         kernel["trace"] = True
         log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
+        sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
-    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
+    capture_fds()
+    os.register_at_fork(after_in_child=in_forked_child)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
@@ -1161,7 +1282,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
-               (iopub_ticker, sockets["iopub"])]
+               (iopub_ticker, sockets["iopub"]), (forward_fds,)]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
@@ -1171,13 +1292,6 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
-    if kernel["wrote_file"]:
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
-              f"    python miniconsole.py --existing\n"
-              f"    jupyter console --existing {kernel['connection_file']}\n"
-              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
-              file=sys.__stdout__, flush=True)
     code = 0
     try:
         serve_shell(sockets["shell"])
@@ -1185,6 +1299,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        force_exit_soon()
         code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
@@ -1194,7 +1309,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     sockets["stdin"].close()
     ctx.term()  # waits for control and hb to close, and for queued messages to leave
     remove_connection_file()
-    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+    sys.exit(code)  # a normal exit, as a Python script's: atexit handlers run, open files flush
 
 
 def main(argv: list):

@@ -1247,6 +1247,251 @@ def test_pep723_metadata_declares_pyzmq():
 
 
 
+################ Notebook Python: what IPython users expect of a cell, and nothing lost below it
+
+
+def test_the_working_directory_is_first_on_sys_path_and_the_kernels_folder_is_not(tmp_path):
+    (tmp_path / "mymodule.py").write_text("VALUE = 'found in the working directory'\n")
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT, cwd=str(tmp_path))
+    try:
+        code = f"import mymodule, sys\nprint(mymodule.VALUE)\n{HERE!r} in sys.path"
+        reply, outputs = run(kc, code)
+        assert reply["status"] == "ok", reply
+        assert text(outputs) == "found in the working directory\n"
+        assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+TEMPLATES = '''sql = """
+exit
+%d items
+what?
+!not a command
+"""
+printf = ("%s of %d"
+          % ("x", 3))
+y = (10
+     % 3)
+z = 7 \\
+    % 4
+(sql, printf, y, z)'''
+
+
+def test_rewriting_leaves_strings_brackets_and_continuation_lines_alone(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, TEMPLATES)
+    assert reply["status"] == "ok", reply
+    [result] = [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"]
+    assert result == repr(("\nexit\n%d items\nwhat?\n!not a command\n", "x of 3", 1, 3))
+
+
+def test_magics_help_and_exit_are_recognised_at_the_start_of_a_statement(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "for i in range(1):\n    len?\n# a comment\nx = [1,\n  2]\nlen??")
+    assert [p["data"]["text/plain"].split("\n")[0] for p in reply["payload"]] == [
+        "Type:      builtin_function_or_method"] * 2
+    reply, _ = run(kc, "if True:\n    exit")
+    assert reply["payload"] == [{"source": "ask_exit", "keepkernel": False}]
+
+
+def test_line_numbers_stay_right_after_rewriting(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, 's = """\nwhat?\n"""\n%connect_info\nlen?\n1/0')
+    assert reply["ename"] == "ZeroDivisionError"
+    assert "Cell In[" in reply["traceback"][1] and ", line 6" in reply["traceback"][1]
+
+
+def test_a_trailing_semicolon_hides_the_result_but_still_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "hidden = []\nhidden.append(1) or 42;  # no Out")
+    assert reply["status"] == "ok"
+    assert [t for t, c in outputs if t == "execute_result"] == []
+    reply, outputs = run(kc, "hidden; len(hidden)")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["1"]
+    reply, outputs = run(kc, "s = 'a;'\ns")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["'a;'"]
+
+
+def test_a_cell_indented_as_a_whole_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "    a = 2\n    if a:\n\n        a += 1\n    a")
+    assert reply["status"] == "ok", reply
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["3"]
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("    x = 1", {"status": "complete"}),
+    ("    for i in range(3):", {"status": "incomplete", "indent": "        "}),
+    ("    for i in range(3):\n        print(i)", {"status": "incomplete", "indent": "        "}),
+    ('s = """\nexit', {"status": "incomplete", "indent": ""}),
+    ("y = (10\n     % 3", {"status": "incomplete", "indent": "     "}),
+    ("1 + 1;", {"status": "complete"}),
+    ("!ls 'unbalanced", {"status": "complete"}),
+])
+def test_is_complete_agrees_with_how_a_cell_runs(kernel, code, expected):
+    _, kc = kernel
+    kc.is_complete(code)
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
+
+
+@pytest.mark.parametrize("handler", ["signal.SIG_DFL", "signal.default_int_handler",
+                                     "lambda *args: None"])
+def test_a_cell_that_replaces_the_sigint_handler_does_not_take_the_kernels(fresh_kernel, handler):
+    km, kc = fresh_kernel
+    assert run(kc, f"import signal; signal.signal(signal.SIGINT, {handler})")[0]["status"] == "ok"
+    km.interrupt_kernel()  # while idle: harmless
+    time.sleep(0.5)
+    assert km.is_alive()
+    kc.execute("import time; time.sleep(30)")
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    time.sleep(0.2)
+    km.interrupt_kernel()
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["ename"] == "KeyboardInterrupt"
+    assert run(kc, "'still here'")[0]["status"] == "ok"
+
+
+LEAVING_CODE = """\
+import atexit
+unclosed = open({unclosed!r}, "w")
+unclosed.write("written, never closed")
+
+def at_exit():
+    with open({marker!r}, "w") as f:
+        f.write("atexit ran")
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart", "SIGTERM"])
+def test_leaving_runs_atexit_and_flushes_open_files(fresh_kernel, tmp_path, how):
+    km, kc = fresh_kernel
+    unclosed, marker = tmp_path / "unclosed.txt", tmp_path / "atexit.txt"
+    code = LEAVING_CODE.format(unclosed=str(unclosed), marker=str(marker))
+    assert run(kc, code)[0]["status"] == "ok"
+    process = km.provisioner.process
+    if how == "restart":
+        km.restart_kernel(now=False)  # shutdown_request with restart: True, then a new process
+    elif how == "shutdown":
+        kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+        assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=5) == 0
+    assert unclosed.read_text() == "written, never closed"
+    assert marker.read_text() == "atexit ran"
+
+
+def test_a_thread_that_never_ends_does_not_keep_a_shut_down_kernel_alive(fresh_kernel):
+    km, kc = fresh_kernel
+    run(kc, "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "import atexit; atexit.register(time.sleep, 60)")
+    kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+    assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    start = time.monotonic()
+    km.provisioner.process.wait(timeout=5)
+    assert time.monotonic() - start < 3
+
+
+BELOW_PYTHON = r"""
+import ctypes, faulthandler, os, subprocess, sys
+os.system("echo from os.system; echo to fd 2 from os.system >&2")
+subprocess.run(["echo", "from subprocess.run"])
+os.write(1, b"from os.write(1)\n")
+libc = ctypes.CDLL(None)
+libc.puts(b"from C puts")
+libc.fflush(None)
+faulthandler.enable()
+faulthandler.dump_traceback(all_threads=False)
+print("fileno", sys.stdout.fileno(), sys.stderr.fileno())
+"""
+
+
+def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, BELOW_PYTHON)
+    assert reply["status"] == "ok", reply
+    out, err = text(outputs), text(outputs, "stderr")
+    for line in ("from os.system", "from subprocess.run", "from os.write(1)", "from C puts",
+                 "fileno 1 2"):
+        assert f"{line}\n" in out
+    assert "to fd 2 from os.system\n" in err
+    assert "Current thread" in err or "Stack (most recent call first)" in err  # faulthandler
+
+
+def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
+    proc, _, raw, _ = raw_kernel
+    raw.shell.send_multipart(raw.frames("frobnicate_request", {}))
+    raw.request("execute_request", {"code": "import os; os.write(2, b'user fd 2\\n')"})
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+    streams = []
+    while raw.iopub.poll(500):
+        msg = raw.recv(raw.iopub)
+        if msg["msg_type"] == "stream":
+            streams.append(msg["content"]["text"])
+    log = stop(proc)
+    assert "unknown msg_type 'frobnicate_request'" in log
+    assert "user fd 2" not in log
+    assert "user fd 2\n" in "".join(streams) and "frobnicate" not in "".join(streams)
+
+
+FORKED = """
+import multiprocessing
+fork = multiprocessing.get_context("fork")
+
+def square(x):
+    return x * x
+
+child = fork.Process(target=print, args=("printed by a child",))
+child.start()
+child.join(10)
+with fork.Pool(2) as pool:
+    squares = pool.map(square, range(6))
+(child.exitcode, squares)
+"""
+
+
+def test_a_forked_childs_prints_reach_the_cell_and_pool_map_works(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, FORKED)
+    assert reply["status"] == "ok", reply
+    assert "printed by a child\n" in text(outputs)
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == [
+        "(0, [0, 1, 4, 9, 16, 25])"]
+
+
+FORK_WHILE_PRINTING = """
+import multiprocessing, sys, threading
+fork = multiprocessing.get_context("fork")
+done = threading.Event()
+
+def chatter():  # takes the streams' lock over and over, as a thread that prints does
+    while not done.is_set():
+        sys.stdout.write("")
+
+threading.Thread(target=chatter, daemon=True).start()
+try:
+    for i in range(300):
+        child = fork.Process(target=print, args=(f"child {i}",))
+        child.start()
+        child.join(10)
+        assert child.exitcode == 0, f"child {i} hung: exit code {child.exitcode}"
+finally:
+    done.set()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_forking_while_another_thread_prints_never_deadlocks_the_child(fresh_kernel):
+    _, kc = fresh_kernel
+    reply, outputs = run(kc, FORK_WHILE_PRINTING, timeout=90)
+    assert reply["status"] == "ok", reply["traceback"]
+    assert sorted(text(outputs).splitlines()) == sorted(f"child {i}" for i in range(300))
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
@@ -3185,7 +3430,8 @@ def test_keys_never_reach_the_logs(tmp_path):
         other.close()
         k.stop()
     log, out = k.log(), k.out()
-    assert "unknown msg_type" in log and "bad signature" in log and "to stderr" in log
+    assert "unknown msg_type" in log and "bad signature" in log
+    assert "to stderr" not in log  # fd 2 is the cell's now: the log keeps a copy of the terminal
     assert key not in log
     assert key not in out
 
