@@ -602,7 +602,7 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug; obj? and obj?? for help.")
+          "Magics: %connect_info, %console, %debug; obj? and obj?? for help; !cmd for the shell.")
 
 
 def execute_request(msg: dict) -> dict:
@@ -965,7 +965,7 @@ def watch_parent(parent: int):
     leave("the parent process died")
 
 
-################ Magics: the seed's %connect_info, %console, %debug, and obj?
+################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
 
 def magic(name: str, arg: str):
     "Run %name with its argument string."
@@ -1028,13 +1028,40 @@ def pinfo(arg: str, detail: int = 0):
     kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
 
 
+def system(cmd: str):
+    "!cmd (or %system cmd): run the line in a shell; its output streams into the cell as it comes."
+    import subprocess
+    # Its output goes to fds 1 and 2, the pipes the kernel forwards (see Output below Python).
+    # It has no keyboard, so no stdin; and its own process group, so an interrupt reaches every
+    # process of a pipeline, as Ctrl-C in a terminal does.
+    child = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # SIGINT to the group; SIGKILL if that did not end it in 0.5 s
+        kill_group(child.pid, signal.SIGINT)
+        try:
+            child.wait(0.5)
+        except subprocess.TimeoutExpired:
+            kill_group(child.pid, signal.SIGKILL)
+        raise
+    if status:
+        sys.stderr.flush()  # what the command wrote comes first
+        print(f"!{cmd}: exit status {status}", file=sys.stderr)
+
+
+def kill_group(pgid: int, signum: int):
+    "Send a signal to a process group, if it is still there."
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
 def ask_exit(keep_kernel: bool = False):
     "exit() and quit(): ask the frontend to close, and to stop the kernel unless keep_kernel."
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
 
 
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1)}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system}
 
 
 ################ Output below Python: file descriptors 1 and 2, forwarded to the streams
