@@ -70,6 +70,7 @@ kernel = {
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
+    "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 
@@ -537,10 +538,11 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         source, quiet = transform(code)
         tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        exec(compile(tree, name, "exec"), user.__dict__)
-        if last is None:
-            return None, None
-        value = eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
+        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
+        codes = [compile(tree, name, "exec", flags)]
+        if last is not None:
+            codes.append(compile(ast.Expression(last.value), name, "eval", flags))
+        value = run_code(codes)
         if value is None or silent or quiet:
             return None, None
         user._ = value
@@ -557,6 +559,42 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         return error, None
     finally:
         kernel["running"] = False
+
+
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compiled to a coroutine
+
+
+def run_code(codes: list):
+    "Run a cell's statements, then its last expression, in the user's namespace: its value."
+    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: all of the cell
+        return run_on_loop(run_async(codes))  # runs on the event loop
+    for code in codes:
+        value = eval(code, user.__dict__)
+    return value
+
+
+async def run_async(codes: list):
+    "Run a cell's parts as one coroutine, awaiting those that eval() made coroutines of."
+    for code in codes:
+        value = eval(code, user.__dict__)
+        if code.co_flags & CO_COROUTINE:
+            value = await value
+    return value
+
+
+def run_on_loop(coroutine):
+    "Run a cell's coroutine as a task on the kernel's event loop, which lives from cell to cell."
+    import asyncio  # imported by the first cell that awaits: most kernels never need it
+    loop = kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    try:
+        loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
+    except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
+        task.cancel()  # finally blocks
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.wait([task]))
+        raise
+    return task.result()  # its error is raised here, with the cell's frames and not asyncio's
 
 
 CELL_FRAME = re.compile(r'File "<(Cell In\[\d+\])>", line')  # shown as: Cell In[3], line 2
@@ -730,14 +768,17 @@ def describe(obj, name: str, detail: int) -> str:
 
 def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
+    import ast
     import codeop
     import warnings
     code = msg["content"]["code"]
     source, _ = transform(code)
+    compile_command = codeop.CommandCompiler()
+    compile_command.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # as run_cell compiles
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
-            compiled = codeop.compile_command(source, "<cell>", "exec")
+            compiled = compile_command(source, "<cell>", "exec")
     except (SyntaxError, ValueError, OverflowError):
         return {"status": "invalid"}
     last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting

@@ -1425,6 +1425,75 @@ def test_an_interrupt_stops_a_flood_from_a_child_within_1s(hard_kernel):
         c.close()
 
 
+ASYNC_CELL = """\
+async def numbers():
+    yield 1
+    yield 2
+
+class Opened:
+    async def __aenter__(self):
+        return "entered"
+
+    async def __aexit__(self, *exc):
+        return False
+
+async with Opened() as entered:
+    items = [n async for n in numbers()]
+async for n in numbers():
+    items.append(n)
+(entered, items, asyncio.get_running_loop() is first_loop)"""
+
+
+def results(outputs) -> list:
+    return [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"]
+
+
+def test_top_level_await_async_for_and_async_with_run_on_one_loop(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "import asyncio\nfirst_loop = asyncio.get_running_loop()\n"
+                             "await asyncio.sleep(0.01)\nawait asyncio.sleep(0, 'awaited')")
+    assert reply["status"] == "ok", reply
+    assert results(outputs) == ["'awaited'"]
+    reply, outputs = run(kc, ASYNC_CELL)
+    assert reply["status"] == "ok", reply
+    assert results(outputs) == ["('entered', [1, 2, 1, 2], True)"]
+    reply, outputs = run(kc, "asyncio.run(asyncio.sleep(0, 'a cell without await'))")
+    assert results(outputs) == ["'a cell without await'"]
+    reply, _ = run(kc, "async def fails():\n    1 / 0\nawait fails()")
+    assert reply["ename"] == "ZeroDivisionError"
+    assert "Cell In[" in reply["traceback"][1] and "asyncio" not in "".join(reply["traceback"])
+
+
+def test_an_interrupt_during_await_cancels_the_task_and_the_next_cell_runs(fresh_kernel):
+    km, kc = fresh_kernel
+    msg_id = kc.execute("import asyncio\ntry:\n    await asyncio.sleep(30)\n"
+                        "finally:\n    print('cancelled, cleaned up')")
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    time.sleep(0.3)
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    printed = []
+    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle":
+        printed.append(msg["content"].get("text", ""))
+    assert "cancelled, cleaned up\n" in printed
+    reply, outputs = run(kc, "await asyncio.sleep(0, 'the next cell')")
+    assert results(outputs) == ["'the next cell'"]
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("await x", {"status": "complete"}),
+    ("async with x:", {"status": "incomplete", "indent": "    "}),
+    ("async for i in x:\n    await i", {"status": "incomplete", "indent": "    "}),
+])
+def test_is_complete_knows_top_level_await(kernel, code, expected):
+    _, kc = kernel
+    kc.is_complete(code)
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
