@@ -455,7 +455,27 @@ def input_request(prompt: str = "", password: bool = False) -> str:
 
 def user_input(prompt: object = "") -> str:
     "builtins.input, for user code: the line comes from a frontend."
-    return input_request(str(prompt))
+    try:
+        return input_request(str(prompt))
+    except KeyboardInterrupt:
+        if at_pdb_prompt():
+            raise LeaveDebugger from None
+        raise
+
+
+class LeaveDebugger(BaseException):
+    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
+
+
+def at_pdb_prompt() -> bool:
+    "Whether pdb's command loop is what waits for this line."
+    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
+    frame = sys._getframe()
+    while pdb and frame:
+        if frame.f_code is pdb.Pdb._cmdloop.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
@@ -554,6 +574,8 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
+        if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
+            e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
         error = error_content(e)
         publish("error", error, kernel["parent"]["header"])
         return error, None

@@ -1494,6 +1494,27 @@ def test_is_complete_knows_top_level_await(kernel, code, expected):
     assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
 
 
+@pytest.mark.parametrize("code", [
+    "def paused():\n    breakpoint()\n    return 'ran on'\npaused()",
+    "import pdb\npdb.set_trace()\nafter = 'ran on'",
+    "%debug",
+])
+def test_an_interrupt_at_the_pdb_prompt_ends_the_cell(fresh_kernel, code):
+    km, kc = fresh_kernel
+    run(kc, "1 / 0")  # something for %debug to look at
+    msg_id = kc.execute(code, allow_stdin=True)
+    assert kc.get_stdin_msg(timeout=TIMEOUT)["content"]["prompt"] == "(Pdb) "
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert not kc.stdin_channel.msg_ready()  # no new (Pdb) prompt
+    reply, outputs = run(kc, "import sys\nsys.gettrace() is None and 'after' not in dir()")
+    assert results(outputs) == ["True"]
+    _, outputs = run(kc, "def again():\n    breakpoint()\n    return 'again'\nagain()", stdin=["c"])
+    assert results(outputs) == ["'again'"]  # and the debugger still works
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
