@@ -743,19 +743,41 @@ def cursor(c: dict) -> int:
     return pos
 
 
+IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
+
+
 def complete_request(msg: dict) -> dict:
     "Tab: the names, attributes and keywords that could finish the word before the cursor."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
     base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
-        names = dir(resolve(base)) if dot else [*user.__dict__, *dir(builtins), *keyword.kwlist]
+        if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
+            names = module_names(base)
+        elif dot:
+            names = dir(resolve(base))
+        else:
+            names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
     except Exception:  # nothing by that name: nothing to offer
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
     return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
             "cursor_end": pos, "metadata": {}}
+
+
+def module_names(package: str) -> list:
+    "The modules `import package.` could name (top-level ones if package is ''), none imported."
+    import importlib.machinery
+    import pkgutil
+    path = None  # sys.path
+    for name in filter(None, package.split(".")):  # find each package's folder, as import would
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        path = spec.submodule_search_locations
+    names = [module.name for module in pkgutil.iter_modules(path)]
+    return names if path is not None else [*names, *sys.builtin_module_names]
 
 
 def inspect_request(msg: dict) -> dict:

@@ -1515,6 +1515,24 @@ def test_an_interrupt_at_the_pdb_prompt_ends_the_cell(fresh_kernel, code):
     assert results(outputs) == ["'again'"]  # and the debugger still works
 
 
+def test_completion_after_import_and_from_offers_module_names_without_importing(kernel):
+    _, kc = kernel
+
+    def complete(code):
+        content = kc.complete(code, reply=True, timeout=TIMEOUT)["content"]
+        return content["matches"], content["cursor_start"]
+
+    matches, start = complete("import jso")
+    assert "json" in matches and start == len("import ")
+    assert "sys" in complete("import os, sy")[0]  # built into the interpreter
+    assert complete("from xml.etr") == (["etree"], len("from xml."))
+    assert complete("import xml.etree.Element") == (["ElementInclude", "ElementPath",
+                                                     "ElementTree"], len("import xml.etree."))
+    assert complete("import json.no_such_") == ([], len("import json."))
+    reply, outputs = run(kc, "import sys\n[m for m in sys.modules if m.startswith('xml')]")
+    assert results(outputs) == ["[]"]
+
+
 ################ jupyter console, the reference terminal frontend, driving minikernel
 
 
