@@ -1188,10 +1188,14 @@ def in_forked_child():
     "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
     # Only the forking thread lives on in a child: a lock that another thread held at the fork
     # stays held for good, and the kernel's sockets are not the child's to use.
+    # Nor are its signal handlers: SIGTERM (Pool.terminate) must end the child, not "shut it down".
     global iopub_lock
     iopub_lock = threading.RLock()
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def forward_fds():

@@ -1333,6 +1333,16 @@ def test_a_forked_childs_prints_reach_the_cell_and_pool_map_works(kernel):
         "(0, [0, 1, 4, 9, 16, 25])"]
 
 
+def test_a_forked_child_does_not_take_the_kernels_signal_handlers(kernel):
+    _, kc = kernel
+    code = ("import multiprocessing, time\n"
+            "child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(30,))\n"
+            "child.start()\ntime.sleep(0.5)\nchild.terminate()  # SIGTERM, as Pool.terminate does\n"
+            "child.join(10)\nchild.exitcode")
+    reply, outputs = run(kc, code)
+    assert results(outputs) == [str(-signal.SIGTERM)]  # killed by it, not shutting down a kernel
+
+
 FORK_WHILE_PRINTING = """
 import multiprocessing, sys, threading
 fork = multiprocessing.get_context("fork")
