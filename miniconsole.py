@@ -144,6 +144,7 @@ DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
 REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
@@ -208,10 +209,18 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
-    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
-        raise ValueError("header values must be plain strings or numbers")
+    if nested_deeper(msg["header"], HEADER_DEPTH):  # echoed back: it must serialize again
+        raise ValueError(f"header nested more than {HEADER_DEPTH} deep")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
+
+def nested_deeper(value, levels: int) -> bool:
+    "Do lists and objects nest more than `levels` deep in this JSON value?"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and (levels == 0 or any(nested_deeper(v, levels - 1)
+                                                           for v in value))
 
 
 ################ The client: five sockets to one kernel
