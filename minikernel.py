@@ -23,6 +23,30 @@ Every request on shell and control is answered on the same socket, and bracketed
 status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
 frontend sees it, each knowing from parent_header which request it belongs to.
 
+One cell, `print("hi"); 1 + 1`, as it travels: what `python minikernel.py --show-messages`
+prints while a frontend F runs it (<- received, -> sent). Every message the kernel sends about
+it carries F's execute_request header as its parent_header; only the reply goes to F alone.
+
+      shell <- execute_request      {"code": "print(\"hi\"); 1 + 1", "silent": false, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "print(\"hi\"); 1 + 1", "execution_count": 1}
+      iopub -> stream               {"name": "stdout", "text": "hi\n"}
+      iopub -> execute_result       {"execution_count": 1, "data": {"text/plain": "2"}, ...}
+      shell -> execute_reply        {"status": "ok", "execution_count": 1, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
+And `name = input("Name? ")`: the kernel asks on stdin, addressed with the routing identity
+that F's execute_request came from on shell (F's shell and stdin DEALERs share it), so only F
+is asked, and F answers with the input_request as parent_header.
+
+      shell <- execute_request      {"code": "name = input(\"Name? \")", "allow_stdin": true, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "name = input(\"Name? \")", "execution_count": 2}
+      stdin -> input_request        {"prompt": "Name? ", "password": false}
+      stdin <- input_reply          {"value": "Ada"}
+      shell -> execute_reply        {"status": "ok", "execution_count": 2, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
 The sections follow a message's life: the connection file, the wire format, the heartbeat,
 iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
 """
@@ -69,6 +93,8 @@ kernel = {
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    "trace": False,  # --show-messages: log every message received and sent
+    "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 
@@ -76,7 +102,20 @@ user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, a
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
-        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+        print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
+
+
+def trace(arrow: str, channel: str, msg: dict):
+    "--show-messages: a message received (<-) or sent (->), one line, as miniconsole shows it."
+    if not kernel["trace"]:
+        return
+    try:  # ASCII JSON: a lone surrogate or any other text is safe on any terminal
+        content = json.dumps(msg["content"], default=str)
+    except (ValueError, RecursionError):  # a cycle, or nested deeper than we can print
+        content = "<content not printable>"
+    content = content if len(content) <= 80 else content[:77] + "..."
+    buffers = f" +{len(msg['buffers'])} buffers" if msg.get("buffers") else ""
+    log(f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}{buffers}")
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -148,9 +187,11 @@ def write_connection_file(path: str, conn: dict):
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
@@ -266,12 +307,14 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
     iopub, session = kernel["sockets"]["iopub"], kernel["session"]
     if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
         msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
+        trace("->", "iopub", msg)
         topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
         send_whole(iopub, to_frames(session, msg, [topic.encode()]))
 
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    read_fds()  # what C code or a subprocess wrote before now goes out now too
     runs, output["runs"], output["size"] = output["runs"], [], 0
     for name, texts in runs:
         text = "".join(texts)
@@ -314,8 +357,10 @@ def iopub_ticker(iopub: zmq.Socket):
                 return
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
-                if event[:1] == b"\x01":
+                if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
+                    # Published on that topic, so zmq's prefix matching hands it to everyone
+                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
             flush_output()
 
@@ -325,25 +370,20 @@ class Stream(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        return self.fd  # what is written to it there arrives too: see Output below Python
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         with iopub_lock:
-            runs = output["runs"]
-            if runs and runs[-1][0] == self.name:
-                texts = runs[-1][1]
-                texts.append(text)
-                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
-            else:  # stdout and stderr interleave in the order they were written
-                runs.append([self.name, [text]])
-            output["size"] += len(text)
+            buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
         return len(text)
@@ -351,6 +391,19 @@ class Stream(io.TextIOBase):
     def flush(self):
         with iopub_lock:
             flush_output()
+
+
+def buffer_output(name: str, text: str):
+    "Add text to the output buffer, to be published on the next flush (lock held)."
+    runs = output["runs"]
+    if runs and runs[-1][0] == name:
+        texts = runs[-1][1]
+        texts.append(text)
+        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+    else:  # stdout and stderr interleave in the order they were written
+        runs.append([name, [text]])
+    output["size"] += len(text)
 
 
 ################ Rich output: display_data, execute_result, clear_output
@@ -450,6 +503,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
     drain(stdin)  # replies to earlier, interrupted requests are stale now
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
+    trace("->", "stdin", msg)
     try:
         send_whole(stdin, to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
@@ -460,6 +514,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
+        trace("<-", "stdin", reply)
         if reply["header"]["msg_type"] == "input_reply":
             break
     value = reply["content"].get("value", "")
@@ -481,29 +536,64 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
-# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
-# __magic__ before compiling, line for line, so tracebacks still point at the right line.
-# A bare `exit` or `quit` means exit(), as in IPython.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
+# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
+# (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
+# point at the right line. Only the tokenizer knows where a statement starts (never inside a
+# string, open brackets or after a backslash), so it reads the cell one line at a time, and each
+# line is rewritten, if it starts a statement, just before the tokenizer reads it.
 
-MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
-HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
-EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
+SPECIAL = [  # a line that starts a statement -> the Python call it means
+    (re.compile(r"(\s*)%(%?\w+)(.*)"), lambda m: f"{m[1]}__magic__({m[2]!r}, {m[3].strip()!r})"),
+    (re.compile(r"(\s*)!(.*)"), lambda m: f"{m[1]}__magic__('system', {m[2].strip()!r})"),
+    (re.compile(r"(\s*)([A-Za-z_][\w.]*)(\?\??)\s*"),  # obj?  obj??
+     lambda m: f"{m[1]}__magic__({'pinfo2' if m[3] == '??' else 'pinfo'!r}, {m[2]!r})"),
+    (re.compile(r"(\s*)(exit|quit)\s*"), lambda m: f"{m[1]}{m[2]}()"),
+]
 
 
-def transform(code: str) -> str:
-    "Rewrite magic and help lines as Python calls, keeping line numbers."
-    def line(text):
-        if m := MAGIC_LINE.match(text):
-            indent, name, arg = m.groups()
-            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
-        if m := HELP_LINE.match(text):
-            indent, name, marks = m.groups()
-            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
-        if m := EXIT_LINE.match(text):
-            return f"{m.group(1)}{m.group(2)}()"
-        return text
-    return "\n".join(map(line, code.split("\n")))
+def rewrite(line: str) -> str:
+    "A line that starts a statement, with IPython's syntax in it made a Python call."
+    body = line.rstrip("\r\n")
+    for pattern, call in SPECIAL:
+        if m := pattern.fullmatch(body):
+            return call(m) + line[len(body) :]
+    return line
+
+
+def dedent(code: str) -> list:
+    "The cell's lines, without the indentation that all of them share (a pasted block)."
+    lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
+                                   for line in lines if line.strip()])
+    return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
+
+
+def transform(code: str) -> tuple[str, bool]:
+    "The cell as Python source, and whether a `;` ends it (hiding its result)."
+    import tokenize
+    lines, read = dedent(code), []
+    starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
+
+    def readline() -> str:
+        if len(read) == len(lines):
+            return ""
+        read.append(rewrite(lines[len(read)]) if starts else lines[len(read)])
+        return read[-1]
+
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # compile() will say what is wrong
+        for tok in tokenize.generate_tokens(readline):
+            if tok.type == tokenize.OP and tok.string in ("(", "[", "{", ")", "]", "}"):
+                depth += 1 if tok.string in ("(", "[", "{") else -1
+            # A line starts a statement when the one before ended one: NEWLINE, or NL outside
+            # brackets (a blank or comment line), on that line (not a string's first line).
+            starts = tok.type in (tokenize.NEWLINE, tokenize.NL) and depth <= 0 \
+                and tok.end[0] == len(read)
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                tokenize.DEDENT, tokenize.ENDMARKER):
+                last = tok.string
+    return "".join(read + lines[len(read) :]), last == ";"
 
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
@@ -515,12 +605,13 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     kernel["running"] = True
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
-        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
+        source, quiet = transform(code)
+        tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         try:
             exec(compile(tree, name, "exec"), user.__dict__)
             value = last and eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
-            if value is None or silent or code.rstrip().endswith(";"):  # `plt.plot(x);`: no Out
+            if value is None or silent or quiet:
                 return None, None
             user._ = value
             data, metadata = mimebundle(value)
@@ -724,6 +815,7 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
           "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
@@ -853,19 +945,20 @@ def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
     import codeop
     import warnings
-    source = transform(msg["content"]["code"])
+    code = msg["content"]["code"]
+    source, _ = transform(code)
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
             compiled = codeop.compile_command(source, "<cell>", "exec")
     except (SyntaxError, ValueError, OverflowError):
         return {"status": "invalid"}
-    last = source.split("\n")[-1]
+    last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if indent and last.strip():  # inside an indented block: a blank line ends it
-        return {"status": "incomplete", "indent": indent}
+    if source.split("\n")[-1][:1] in (" ", "\t") and last.strip():  # in a block: a blank line
+        return {"status": "incomplete", "indent": indent}  # ends it
     return {"status": "complete"}
 
 
@@ -915,11 +1008,14 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
         log(f"{channel}: dropped a message: {e}")
         return
+    trace("<-", channel, msg)
     msg_type, header = msg["header"]["msg_type"], msg["header"]
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
-        return to_frames(session, new_msg(session, reply_type, content, header), msg["ids"])
+        reply = new_msg(session, reply_type, content, header)
+        trace("->", channel, reply)
+        return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
@@ -947,6 +1043,8 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
         kernel["interrupted"] = False  # one that came while idle is forgotten
         dispatch("shell", shell, frames, SHELL_HANDLERS)
@@ -1006,11 +1104,18 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
 
 
 def leave(reason: str):
-    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
     log(f"shutting down: {reason}")
     kernel["exiting"] = True
-    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
 
 
 def force_exit():
@@ -1043,7 +1148,7 @@ def shutdown_request(msg: dict) -> dict:
 CONTROL_HANDLERS = {
     "shutdown_request": shutdown_request,
     "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
 }
 
 
@@ -1252,11 +1357,67 @@ def show_figures():
         show()
 
 
+################ Output below Python: file descriptors 1 and 2, forwarded to the streams
+
+# C code, subprocesses and forked children do not write to sys.stdout: they write to file
+# descriptors 1 and 2. So at startup both become pipes (the terminal's fd 2 is kept, for log()).
+# A forwarder thread wakes when a pipe has data and adds it to the output buffer; every flush
+# also takes what is waiting, so what was written before a reply is published before it. A read
+# takes one pipe-full at most: a flood from a child stays in bounded pieces, and the full pipe
+# makes the child wait (that is the backpressure).
+
+PIPE_READ = 1 << 16  # bytes: what a Linux pipe holds
+pipes = []  # [(read end, stream name, its UTF-8 decoder)], for fds 1 and 2 once captured
+
+
+def capture_fds():
+    "Point fds 1 and 2 at pipes the forwarder reads; log() keeps the terminal's fd 2."
+    import codecs  # (already imported by every Python: io needs it)
+    sys.__stdout__.flush()
+    sys.__stderr__.flush()
+    kernel["terminal"] = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)  # fds 1 and 2 stay inheritable: subprocesses write here
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        pipes.append((read_end, name, codecs.getincrementaldecoder("utf-8")(errors="replace")))
+
+
+def read_fds():
+    "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
+        with contextlib.suppress(BlockingIOError):  # nothing waiting
+            if text := decoder.decode(os.read(read_end, PIPE_READ)):
+                buffer_output(name, text)
+
+
+def in_forked_child():
+    "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
+    # Only the forking thread lives on in a child: a lock that another thread held at the fork
+    # stays held for good, and the kernel's sockets are not the child's to use.
+    global iopub_lock
+    iopub_lock = threading.RLock()
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+
+
+def forward_fds():
+    "The forwarder thread: whenever a pipe has data, move it to the output buffer."
+    while True:
+        zmq.select([read_end for read_end, _, _ in pipes], [], [])
+        with iopub_lock:
+            read_fds()
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
+
+
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
-usage: python minikernel.py [-f FILE] [--ip ADDR]
+usage: python minikernel.py [-f FILE] [--ip ADDR] [--show-messages]
        python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+                                    [--show-messages]
 
 Start a kernel:
   python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
@@ -1264,9 +1425,14 @@ Start a kernel:
   python minikernel.py -f FILE       the kernelspec way: bind exactly what FILE says (transport,
                                      ip, ports, key); if FILE does not exist, write it as above
   python minikernel.py --ip ADDR     listen on ADDR instead of 127.0.0.1 (warns if not loopback)
+  python minikernel.py --show-messages
+                                     print every message received (<-) and sent (->) on stderr
 
 Let Jupyter start it (jupyter console --kernel minikernel, nbclient, JupyterLab):
   python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+  python minikernel.py install --show-messages
+                                     a kernelspec "minikernel-trace" whose kernel prints every
+                                     message in the terminal of whoever started it (the server)
 
 Attach to a running kernel: python miniconsole.py --existing
 Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend, or kill PID.
@@ -1274,9 +1440,9 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 
 
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
-OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1"},
+OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
-                       "--name": "minikernel"}}
+                       "--name": None, "--show-messages": False}}
 
 
 def parse_args(argv: list) -> tuple[str, dict]:
@@ -1309,16 +1475,21 @@ def usage_error(problem: str):
 
 def install(opts: dict):
     "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
+    trace = opts["--show-messages"]
+    name = opts["--name"] or ("minikernel-trace" if trace else "minikernel")
     prefix = opts["--prefix"] or (sys.prefix if opts["--sys-prefix"] else None)
     base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
-    spec_dir = os.path.join(base, "kernels", opts["--name"])
+    spec_dir = os.path.join(base, "kernels", name)
     os.makedirs(spec_dir, exist_ok=True)
-    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
-            "display_name": f"Python 3 ({opts['--name']})", "language": "python",
+    # interrupt_mode "message": Jupyter interrupts with interrupt_request on control rather than
+    # SIGINT to our process group, the same way a console attached with --existing must.
+    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}",
+                     *["--show-messages"] * trace],
+            "display_name": f"{DISPLAY_NAME} ({name})", "language": LANGUAGE_INFO["name"],
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    print(f"Installed kernelspec {opts['--name']} in {spec_dir}")
+    print(f"Installed kernelspec {name} in {spec_dir}")
 
 
 def remove_connection_file():
@@ -1328,7 +1499,7 @@ def remove_connection_file():
             os.remove(kernel["connection_file"])
 
 
-def serve(path: Optional[str], ip: str):
+def serve(path: Optional[str], ip: str, show_messages: bool):
     "Bind the five sockets, start the threads, and run shell requests until shutdown."
     parent = os.getppid()  # now, before the connection file tells the launcher we are up
     if path and os.path.exists(path):
@@ -1354,14 +1525,27 @@ def serve(path: Optional[str], ip: str):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
+              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
+    if show_messages:
+        kernel["trace"] = True
+        log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = me  # so `import minikernel` finds this one, as matplotlib does
     sys.meta_path.insert(0, HookOnImport)  # see Optional integrations
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
+        sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
-    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
+    capture_fds()
+    os.register_at_fork(after_in_child=in_forked_child)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
@@ -1370,7 +1554,7 @@ def serve(path: Optional[str], ip: str):
     signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
-               (iopub_ticker, sockets["iopub"])]
+               (iopub_ticker, sockets["iopub"]), (forward_fds,)]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
@@ -1380,13 +1564,6 @@ def serve(path: Optional[str], ip: str):
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
-    if kernel["wrote_file"]:
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
-              f"    python miniconsole.py --existing\n"
-              f"    jupyter console --existing {kernel['connection_file']}\n"
-              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
-              file=sys.__stdout__, flush=True)
     code = 0
     try:
         serve_shell(sockets["shell"])
@@ -1394,6 +1571,7 @@ def serve(path: Optional[str], ip: str):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        force_exit_soon()
         code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
@@ -1403,7 +1581,7 @@ def serve(path: Optional[str], ip: str):
     sockets["stdin"].close()
     ctx.term()  # waits for control and hb to close, and for queued messages to leave
     remove_connection_file()
-    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+    sys.exit(code)  # a normal exit, as a Python script's: atexit handlers run, open files flush
 
 
 def main(argv: list):
@@ -1412,7 +1590,7 @@ def main(argv: list):
     if command == "install":
         install(opts)
     else:
-        serve(opts["-f"], opts["--ip"])
+        serve(opts["-f"], opts["--ip"], opts["--show-messages"])
 
 
 if __name__ == "__main__":

@@ -209,6 +209,53 @@ class TestIopubWelcome(jupyter_kernel_test.IopubWelcomeTests):
     support_iopub_welcome = True
 
 
+def recipe_blocks() -> list:
+    "The python blocks of the README's 'Make it a kernel for another language'."
+    text = readme()
+    part = text[text.index("## Make it a kernel for another language"):]
+    part = part[: part.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", part, re.S)
+
+
+def replace_definitions(source: str, block: str) -> str:
+    "Put each top-level def or assignment of block in place of the one of the same name."
+    import ast
+
+    def spans(text: str) -> dict:  # name -> (first, last line) of each def or assignment
+        return {getattr(n, "name", None) or n.targets[0].id: (n.lineno - 1, n.end_lineno)
+                for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.Assign))}
+    lines, new, old = source.splitlines(True), block.splitlines(True), spans(source)
+    for name, (a, b) in sorted(spans(block).items(), key=lambda item: -old[item[0]][0]):
+        start, end = old[name]  # from the bottom up, so the line numbers above still hold
+        lines[start:end] = new[a:b]
+    return "".join(lines)
+
+
+class TestEchoKernelFromTheRecipe(jupyter_kernel_test.KernelTests):
+    "The README's recipe, applied to a copy of minikernel.py, is a working kernel."
+
+    kernel_name = "echo-recipe"
+    language_name = "echo"
+    file_extension = ".txt"
+    code_hello_world = "hello, world"
+    complete_code_samples = ["for i in range(3):", "x = ("]
+    code_history_pattern = "hel*"
+    supported_history_operations = ("tail", "range", "search")
+
+    @classmethod
+    def setUpClass(cls):
+        with open(KERNEL) as f:
+            source = f.read()
+        for block in recipe_blocks():
+            source = replace_definitions(source, block)
+        path = os.path.join(JUPYTER_HOME, "echo.py")
+        with open(path, "w") as f:
+            f.write(source)
+        subprocess.run([sys.executable, path, "install", "--user", "--name", cls.kernel_name],
+                       check=True, capture_output=True, timeout=TIMEOUT)
+        super().setUpClass()
+
+
 ################ Execution: REPL semantics
 
 
@@ -536,6 +583,89 @@ def test_each_new_subscriber_gets_its_own_welcome(kernel):
     finally:
         for raw in raws:
             raw.close()
+
+
+################ Watching the wire: the kernel's --show-messages
+
+
+TRACE_LINE = re.compile(r"^\[minikernel\] +(shell|iopub|stdin|control) (<-|->) (\w+) +(.*)$")
+
+
+def traced(tmp_path, cells, stdin=()) -> list:
+    "Run cells on a kernel started with --show-messages: its trace, as (channel, arrow, type)."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    kc = BlockingKernelClient(connection_file=conn["path"])
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        for code in cells:
+            run(kc, code, stdin=stdin)
+    finally:
+        kc.stop_channels()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert "hb pings are raw bytes echoed in C, not shown" in err.splitlines()[0]
+    return lines
+
+
+def one_request(lines: list, code_start: str) -> list:
+    "The traced messages from the execute_request whose code starts so, to its idle."
+    start = next(i for i, (ch, arrow, kind, content) in enumerate(lines)
+                 if kind == "execute_request" and content.startswith(f'{{"code": {code_start}'))
+    end = next(i for i in range(start, len(lines)) if lines[i][2] == "status"
+               and "idle" in lines[i][3])
+    return [(ch, arrow, kind) for ch, arrow, kind, _ in lines[start : end + 1]]
+
+
+def docstring_transcripts() -> list:
+    "The two transcripts at the top of minikernel.py, as lists of (channel, arrow, type)."
+    with open(KERNEL) as f:
+        doc = f.read().split('"""')[1]
+    blocks = re.findall(r"((?:^ {6}\w+ (?:<-|->) \w+.*\n)+)", doc, re.M)
+    return [[tuple(line.split()[:3]) for line in block.splitlines()] for block in blocks]
+
+
+def test_the_transcript_at_the_top_is_what_really_travels(tmp_path):
+    lines = traced(tmp_path, ['print("hi"); 1 + 1', 'name = input("Name? ")'], stdin=["Ada"])
+    cell, ask = docstring_transcripts()
+    assert one_request(lines, r'"print(\"hi\")') == cell
+    assert one_request(lines, r'"name = input(') == ask
+    assert ("shell", "<-", "kernel_info_request") in [line[:3] for line in lines]
+
+
+def test_show_messages_never_breaks_a_session(tmp_path):
+    "Huge output, a lone surrogate, binary buffers and unprintable content are all shortened."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    raw = Raw(conn)
+    try:
+        wait_ready(raw, proc)
+        msg = raw.session.msg("execute_request", {"code": "print('x' * 3_000_000, '\\ud800')",
+                                                  "silent": False})
+        raw.shell.send_multipart(raw.session.serialize(msg) + [b"\xff\xfe raw", b"\x00"])
+        assert raw.recv(raw.shell)["content"]["status"] == "ok"
+        assert raw.request("execute_request", {"code": "1", "silent": False}
+                           )["content"]["status"] == "ok"
+    finally:
+        raw.close()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert ("shell", "<-", "execute_request") in [line[:3] for line in lines]
+    assert any(content.endswith("+2 buffers") for _, _, kind, content in lines
+               if kind == "execute_request")
+    streams = [content for _, _, kind, content in lines if kind == "stream"]
+    assert len(streams) >= 3 and all(len(c) <= 80 for c in streams)  # 1 MiB pieces, shortened
+    assert max(map(len, err.splitlines())) < 200
+    assert "Traceback" not in err
+
+
+def test_install_show_messages_writes_a_tracing_kernelspec(tmp_path):
+    subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path),
+                    "--show-messages"], check=True, capture_output=True, timeout=TIMEOUT)
+    spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel-trace/kernel.json")
+                      .read_text())
+    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}", "--show-messages"]
+    assert spec["display_name"] == "Python 3 (minikernel-trace)"
 
 
 ################ Control: interrupt, heartbeat, shutdown
@@ -1115,6 +1245,251 @@ def test_pep723_metadata_declares_pyzmq():
     block = re.search(r"# /// script\n(.*?)# ///", head, re.S).group(1)
     assert 'dependencies = ["pyzmq"]' in block
 
+
+
+################ Notebook Python: what IPython users expect of a cell, and nothing lost below it
+
+
+def test_the_working_directory_is_first_on_sys_path_and_the_kernels_folder_is_not(tmp_path):
+    (tmp_path / "mymodule.py").write_text("VALUE = 'found in the working directory'\n")
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT, cwd=str(tmp_path))
+    try:
+        code = f"import mymodule, sys\nprint(mymodule.VALUE)\n{HERE!r} in sys.path"
+        reply, outputs = run(kc, code)
+        assert reply["status"] == "ok", reply
+        assert text(outputs) == "found in the working directory\n"
+        assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["False"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+TEMPLATES = '''sql = """
+exit
+%d items
+what?
+!not a command
+"""
+printf = ("%s of %d"
+          % ("x", 3))
+y = (10
+     % 3)
+z = 7 \\
+    % 4
+(sql, printf, y, z)'''
+
+
+def test_rewriting_leaves_strings_brackets_and_continuation_lines_alone(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, TEMPLATES)
+    assert reply["status"] == "ok", reply
+    [result] = [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"]
+    assert result == repr(("\nexit\n%d items\nwhat?\n!not a command\n", "x of 3", 1, 3))
+
+
+def test_magics_help_and_exit_are_recognised_at_the_start_of_a_statement(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, "for i in range(1):\n    len?\n# a comment\nx = [1,\n  2]\nlen??")
+    assert [p["data"]["text/plain"].split("\n")[0] for p in reply["payload"]] == [
+        "Type:      builtin_function_or_method"] * 2
+    reply, _ = run(kc, "if True:\n    exit")
+    assert reply["payload"] == [{"source": "ask_exit", "keepkernel": False}]
+
+
+def test_line_numbers_stay_right_after_rewriting(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, 's = """\nwhat?\n"""\n%connect_info\nlen?\n1/0')
+    assert reply["ename"] == "ZeroDivisionError"
+    assert "Cell In[" in reply["traceback"][1] and ", line 6" in reply["traceback"][1]
+
+
+def test_a_trailing_semicolon_hides_the_result_but_still_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "hidden = []\nhidden.append(1) or 42;  # no Out")
+    assert reply["status"] == "ok"
+    assert [t for t, c in outputs if t == "execute_result"] == []
+    reply, outputs = run(kc, "hidden; len(hidden)")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["1"]
+    reply, outputs = run(kc, "s = 'a;'\ns")
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["'a;'"]
+
+
+def test_a_cell_indented_as_a_whole_runs(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "    a = 2\n    if a:\n\n        a += 1\n    a")
+    assert reply["status"] == "ok", reply
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["3"]
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("    x = 1", {"status": "complete"}),
+    ("    for i in range(3):", {"status": "incomplete", "indent": "        "}),
+    ("    for i in range(3):\n        print(i)", {"status": "incomplete", "indent": "        "}),
+    ('s = """\nexit', {"status": "incomplete", "indent": ""}),
+    ("y = (10\n     % 3", {"status": "incomplete", "indent": "     "}),
+    ("1 + 1;", {"status": "complete"}),
+    ("!ls 'unbalanced", {"status": "complete"}),
+])
+def test_is_complete_agrees_with_how_a_cell_runs(kernel, code, expected):
+    _, kc = kernel
+    kc.is_complete(code)
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"] == expected
+
+
+@pytest.mark.parametrize("handler", ["signal.SIG_DFL", "signal.default_int_handler",
+                                     "lambda *args: None"])
+def test_a_cell_that_replaces_the_sigint_handler_does_not_take_the_kernels(fresh_kernel, handler):
+    km, kc = fresh_kernel
+    assert run(kc, f"import signal; signal.signal(signal.SIGINT, {handler})")[0]["status"] == "ok"
+    km.interrupt_kernel()  # while idle: harmless
+    time.sleep(0.5)
+    assert km.is_alive()
+    kc.execute("import time; time.sleep(30)")
+    while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
+        pass
+    time.sleep(0.2)
+    km.interrupt_kernel()
+    assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["ename"] == "KeyboardInterrupt"
+    assert run(kc, "'still here'")[0]["status"] == "ok"
+
+
+LEAVING_CODE = """\
+import atexit
+unclosed = open({unclosed!r}, "w")
+unclosed.write("written, never closed")
+
+def at_exit():
+    with open({marker!r}, "w") as f:
+        f.write("atexit ran")
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart", "SIGTERM"])
+def test_leaving_runs_atexit_and_flushes_open_files(fresh_kernel, tmp_path, how):
+    km, kc = fresh_kernel
+    unclosed, marker = tmp_path / "unclosed.txt", tmp_path / "atexit.txt"
+    code = LEAVING_CODE.format(unclosed=str(unclosed), marker=str(marker))
+    assert run(kc, code)[0]["status"] == "ok"
+    process = km.provisioner.process
+    if how == "restart":
+        km.restart_kernel(now=False)  # shutdown_request with restart: True, then a new process
+    elif how == "shutdown":
+        kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+        assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=5) == 0
+    assert unclosed.read_text() == "written, never closed"
+    assert marker.read_text() == "atexit ran"
+
+
+def test_a_thread_that_never_ends_does_not_keep_a_shut_down_kernel_alive(fresh_kernel):
+    km, kc = fresh_kernel
+    run(kc, "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "import atexit; atexit.register(time.sleep, 60)")
+    kc.control_channel.send(kc.session.msg("shutdown_request", {"restart": False}))
+    assert kc.control_channel.get_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+    start = time.monotonic()
+    km.provisioner.process.wait(timeout=5)
+    assert time.monotonic() - start < 3
+
+
+BELOW_PYTHON = r"""
+import ctypes, faulthandler, os, subprocess, sys
+os.system("echo from os.system; echo to fd 2 from os.system >&2")
+subprocess.run(["echo", "from subprocess.run"])
+os.write(1, b"from os.write(1)\n")
+libc = ctypes.CDLL(None)
+libc.puts(b"from C puts")
+libc.fflush(None)
+faulthandler.enable()
+faulthandler.dump_traceback(all_threads=False)
+print("fileno", sys.stdout.fileno(), sys.stderr.fileno())
+"""
+
+
+def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, BELOW_PYTHON)
+    assert reply["status"] == "ok", reply
+    out, err = text(outputs), text(outputs, "stderr")
+    for line in ("from os.system", "from subprocess.run", "from os.write(1)", "from C puts",
+                 "fileno 1 2"):
+        assert f"{line}\n" in out
+    assert "to fd 2 from os.system\n" in err
+    assert "Current thread" in err or "Stack (most recent call first)" in err  # faulthandler
+
+
+def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
+    proc, _, raw, _ = raw_kernel
+    raw.shell.send_multipart(raw.frames("frobnicate_request", {}))
+    raw.request("execute_request", {"code": "import os; os.write(2, b'user fd 2\\n')"})
+    assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
+    streams = []
+    while raw.iopub.poll(500):
+        msg = raw.recv(raw.iopub)
+        if msg["msg_type"] == "stream":
+            streams.append(msg["content"]["text"])
+    log = stop(proc)
+    assert "unknown msg_type 'frobnicate_request'" in log
+    assert "user fd 2" not in log
+    assert "user fd 2\n" in "".join(streams) and "frobnicate" not in "".join(streams)
+
+
+FORKED = """
+import multiprocessing
+fork = multiprocessing.get_context("fork")
+
+def square(x):
+    return x * x
+
+child = fork.Process(target=print, args=("printed by a child",))
+child.start()
+child.join(10)
+with fork.Pool(2) as pool:
+    squares = pool.map(square, range(6))
+(child.exitcode, squares)
+"""
+
+
+def test_a_forked_childs_prints_reach_the_cell_and_pool_map_works(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, FORKED)
+    assert reply["status"] == "ok", reply
+    assert "printed by a child\n" in text(outputs)
+    assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == [
+        "(0, [0, 1, 4, 9, 16, 25])"]
+
+
+FORK_WHILE_PRINTING = """
+import multiprocessing, sys, threading
+fork = multiprocessing.get_context("fork")
+done = threading.Event()
+
+def chatter():  # takes the streams' lock over and over, as a thread that prints does
+    while not done.is_set():
+        sys.stdout.write("")
+
+threading.Thread(target=chatter, daemon=True).start()
+try:
+    for i in range(300):
+        child = fork.Process(target=print, args=(f"child {i}",))
+        child.start()
+        child.join(10)
+        assert child.exitcode == 0, f"child {i} hung: exit code {child.exitcode}"
+finally:
+    done.set()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_forking_while_another_thread_prints_never_deadlocks_the_child(fresh_kernel):
+    _, kc = fresh_kernel
+    reply, outputs = run(kc, FORK_WHILE_PRINTING, timeout=90)
+    assert reply["status"] == "ok", reply["traceback"]
+    assert sorted(text(outputs).splitlines()) == sorted(f"child {i}" for i in range(300))
 
 
 ################ jupyter console, the reference terminal frontend, driving minikernel
@@ -2399,8 +2774,8 @@ def test_readme_performance_table_names_its_date_machine_and_command():
     text = readme()
     perf = text[text.index("\n## Performance\n"):]
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC · .+ cores · .*Python 3", perf)
-    assert "| row | minikernel | ipykernel | floor | minikernel target |" in perf
-    assert "```bash\npython bench/compare.py\n```" in perf
+    assert re.search(r"\n\| row \| minikernel \| .*ipykernel \| floor \| minikernel target", perf)
+    assert re.search(r"```bash\n(.*\n)*python bench/compare.py.*\n(.*\n)*```", perf)
 
 
 ################ Hardening: hostile input, faults, load and flood
@@ -3438,7 +3813,8 @@ def test_keys_never_reach_the_logs(tmp_path):
         other.close()
         k.stop()
     log, out = k.log(), k.out()
-    assert "unknown msg_type" in log and "bad signature" in log and "to stderr" in log
+    assert "unknown msg_type" in log and "bad signature" in log
+    assert "to stderr" not in log  # fd 2 is the cell's now: the log keeps a copy of the terminal
     assert key not in log
     assert key not in out
 
@@ -4262,13 +4638,20 @@ def readme_commands() -> list:
     return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_benchmark_smoke_run():
-    "bench/compare.py runs end to end on minikernel and the floor; no timing is asserted."
+def test_benchmark_smoke_run(tmp_path):
+    "bench/compare.py runs end to end: minikernel, the floor, a soak, the consoles; no timing."
+    missing = str(tmp_path / "no-python")  # an absent peer keeps its column, saying so
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "compare.py"), "--quick",
-                        "--reps", "1", "--kernels", "minikernel,floor"],
+                        "--reps", "1", "--kernels", "minikernel,floor,xeus-python",
+                        "--xeus-python", missing, "--soak", "2000", "--consoles"],
                        capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stderr
-    assert "| row | minikernel | floor |" in r.stdout
+    assert "| row | minikernel | floor | xeus-python |" in r.stdout
+    assert "| kernel_info round trip, µs | " in r.stdout
+    rows = r.stdout.split("\n\n")[1].splitlines()[2:]  # the kernels' table, below its header
+    assert len(rows) > 20 and all(row.split(" | ")[3] == "not installed" for row in rows)
+    assert "| soak: RSS after 2,000 cells, MiB | " in r.stdout
+    assert "| row | miniconsole | jupyter console |" in r.stdout
     assert "**no**" not in r.stdout  # every output arrived, exact
 
 
