@@ -2463,6 +2463,20 @@ def test_widget_control_comm_sends_every_widgets_state(comm_kernel):
     assert states["content"]["data"]["states"][model[1:-1]]["state"]["value"] == 4
 
 
+def test_output_widget_captures_what_its_with_block_prints(comm_kernel):
+    proc, raw = comm_kernel
+    msg_id = send(raw, "execute_request", {"code": "import ipywidgets as w\nout = w.Output()\n"
+                                           "print('before')\nwith out:\n    print('inside')\n"
+                                           "print('after')"})
+    seen = [(m["msg_type"], m["content"]["text"] if m["msg_type"] == "stream" else
+             m["content"]["data"].get("state", {}).get("msg_id")) for m in iopub_of(raw, msg_id)
+            if m["msg_type"] in ("stream", "comm_msg")]
+    # A frontend puts into the widget what has msg_id as parent, from the first update to the
+    # second; so the prints must come in between, in order.
+    assert seen == [("stream", "before\n"), ("comm_msg", msg_id), ("stream", "inside\n"),
+                    ("comm_msg", ""), ("stream", "after\n")]
+
+
 def test_interact_reruns_f_into_its_output_widget(comm_kernel):
     proc, raw = comm_kernel
     reply, outputs = execute(raw, "from ipywidgets import interact\n"
