@@ -97,6 +97,7 @@ kernel = {
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 
 
 def log(line: str):
@@ -682,7 +683,7 @@ targets = {}  # target_name -> handler(comm, comm_open msg), for comms a fronten
 class Comm:
     "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
 
-    kernel = sys.modules[__name__]  # ipywidgets' Output widget asks comm.kernel.get_parent()
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
 
     def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
                  metadata: Optional[dict] = None, buffers: Sequence = (),
@@ -708,7 +709,7 @@ class Comm:
         self.publish("comm_msg", data, metadata, buffers)
 
     def close(self, data=None, metadata=None, buffers=()):
-        if not self.closed:  # once: a widget closes its comm when closed and when deleted
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
             self.closed = True
             comms.pop(self.comm_id, None)
             self.publish("comm_close", data, metadata, buffers)
@@ -740,7 +741,8 @@ def get_parent() -> dict:
 
 def comm_callback(f, *args) -> bool:
     "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
-    msg = args[-1]  # handed over as ipykernel does: ipywidgets calls .tobytes() on them
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
     kernel["running"] = True
     try:
@@ -1258,7 +1260,6 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
 # for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
 # and shows itself through IPython.display.
 
-me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
 
 
