@@ -101,6 +101,7 @@ kernel = {
     "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 
 
 def log(line: str):
@@ -321,10 +322,11 @@ output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] 
           "queue": deque(), "sending": False}  # messages to send, and a send is under way
 
 
-def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = ""):
-    "Broadcast on iopub: [topic, <IDS|MSG>, signature, header, parent, metadata, content]."
+def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
+               **extra):
+    "Broadcast: [topic, <IDS|MSG>, signature, header, parent, metadata, content, buffers...]."
     session = kernel["session"]
-    msg = new_msg(session, msg_type, content, parent)
+    msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
     trace("->", "iopub", msg)
     topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
     output["queue"].append(to_frames(session, msg, [topic.encode()]))
@@ -376,11 +378,11 @@ def give_back_memory():
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def publish(msg_type: str, content: dict, parent: Optional[dict] = None):
+def publish(msg_type: str, content: dict, parent: Optional[dict] = None, **extra):
     "Broadcast a message, after any output printed before it, so frontends see them in order."
     with iopub_lock:
         flush_output()
-        send_iopub(msg_type, content, parent)
+        send_iopub(msg_type, content, parent, **extra)
 
 
 def status(state: str, parent: Optional[dict] = None):
@@ -455,7 +457,8 @@ def buffer_output(name: str, text: str):
 
 REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
          "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
-         "_repr_latex_": "text/latex", "_repr_json_": "application/json"}
+         "_repr_latex_": "text/latex", "_repr_json_": "application/json",
+         "_repr_javascript_": "application/javascript"}
 
 
 def mimebundle(obj) -> tuple[dict, dict]:
@@ -496,19 +499,41 @@ def fit(mime: str, value):
     return value if isinstance(value, str) else None  # text, or an image already in base64
 
 
-def display(*objs, display_id=None, update: bool = False) -> Optional[str]:
-    "Show objects below the cell; with display_id, update=True replaces that earlier display."
-    if display_id is True:  # a fresh id, returned so that the caller can update it later
-        display_id = uuid.uuid4().hex
+def display(*objs, display_id=None, update: bool = False, raw: bool = False,
+            metadata: Optional[dict] = None, include: Sequence[str] = ()):
+    """Show objects below the cell (raw: they are mimebundles already). With display_id (True
+    makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
+    display_id = uuid.uuid4().hex if display_id is True else display_id
     if update and not display_id:
         raise ValueError("display(..., update=True) needs the display_id of the display to update")
     transient = {"display_id": display_id} if display_id else {}
     for obj in objs:
-        data, metadata = mimebundle(obj)
+        data, md = (obj, {}) if raw else mimebundle(obj)
+        if include:  # IPython's display_html() and the like: that mimetype only
+            data = {mime: value for mime, value in data.items() if mime in include}
         if not kernel["silent"]:  # silent code broadcasts nothing
             publish("update_display_data" if update else "display_data",
-                    {"data": data, "metadata": metadata, "transient": transient}, kernel["cell"])
-    return display_id
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
+    return DisplayHandle(display_id) if display_id else None
+
+
+def update_display(obj, *, display_id: str, **kwargs):
+    "Replace the display that has this display_id."
+    display(obj, display_id=display_id, update=True, **kwargs)
+
+
+class DisplayHandle:
+    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
+
+    def __init__(self, display_id: str):
+        self.display_id = display_id
+
+    def display(self, obj, **kwargs):
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj, **kwargs):
+        update_display(obj, display_id=self.display_id, **kwargs)
 
 
 def clear_output(wait: bool = False):
@@ -670,14 +695,17 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         codes = [compile(tree, name, "exec", flags)]
         if last is not None:
             codes.append(compile(ast.Expression(last.value), name, "eval", flags))
-        value = run_code(codes)
-        if value is None or silent or quiet:
-            return None, None
-        user._ = value
-        data, metadata = mimebundle(value)
-        publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
-                                   "metadata": metadata}, kernel["parent"]["header"])
-        return None, data["text/plain"]
+        try:
+            value = run_code(codes)
+            if value is None or silent or quiet:
+                return None, None
+            user._ = value
+            data, metadata = mimebundle(value)
+            publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
+                                       "metadata": metadata}, kernel["parent"]["header"])
+            return None, data["text/plain"]
+        finally:  # what the cell drew, even if it then failed, as ipykernel shows it
+            show_figures()
     except BaseException as e:  # the user's KeyboardInterrupt and SystemExit included
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
@@ -771,6 +799,147 @@ def hide_kernel_frames(te):
             hide_kernel_frames(chained)
 
 
+################ Comms: an object in the kernel and one in a frontend, talking
+
+# A comm pairs an object here with one in a frontend: an ipywidgets slider and its view, say.
+# Either side opens it, naming a target; then both send comm_msg, and either closes it. The
+# kernel's comm messages go out on iopub, so every frontend hears them; a frontend's come in
+# on shell, one at a time between cells. Binary data, an image or an array, travels as
+# buffers: raw frames after the four dicts, outside the signature.
+#   comm_open  {comm_id, target_name, data}   comm_msg {comm_id, data}   comm_close {comm_id, data}
+# This module is the comm package's "comm manager": the `comm` hook (see Optional
+# integrations) hands it to comm users, who call register_target() and create Comms.
+
+comms = {}  # comm_id -> Comm: the open comms, whichever side opened them
+targets = {}  # target_name -> handler(comm, comm_open msg), for comms a frontend opens
+
+
+class Comm:
+    "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
+
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
+
+    def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
+                 metadata: Optional[dict] = None, buffers: Sequence = (),
+                 comm_id: Optional[str] = None, primary: bool = True,
+                 target_module: Optional[str] = None):
+        self.comm_id, self.target_name = comm_id or uuid.uuid4().hex, target_name
+        self.msg_callback = self.close_callback = None
+        self.closed = False
+        comms[self.comm_id] = self
+        if primary:  # opened here, not by a frontend: tell the frontends
+            self.open(data, metadata, buffers, target_module)
+
+    def publish(self, msg_type: str, data, metadata, buffers, **fields):
+        "A comm message on iopub, from the request being handled now; buffers as raw frames."
+        publish(msg_type, {"comm_id": self.comm_id, "data": data or {}, **fields},
+                kernel["parent"]["header"], metadata=metadata or {}, buffers=list(buffers or ()))
+
+    def open(self, data=None, metadata=None, buffers=(), target_module=None):
+        self.publish("comm_open", data, metadata, buffers, target_name=self.target_name,
+                     target_module=target_module)
+
+    def send(self, data=None, metadata=None, buffers=()):
+        self.publish("comm_msg", data, metadata, buffers)
+
+    def close(self, data=None, metadata=None, buffers=()):
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
+            self.closed = True
+            comms.pop(self.comm_id, None)
+            self.publish("comm_close", data, metadata, buffers)
+
+    def on_msg(self, callback):
+        self.msg_callback = callback
+
+    def on_close(self, callback):
+        self.close_callback = callback
+
+    def handle_msg(self, msg: dict):
+        if self.msg_callback:
+            self.msg_callback(msg)
+
+    def handle_close(self, msg: dict):
+        if self.close_callback:
+            self.close_callback(msg)
+
+
+def register_target(target_name: str, handler):
+    "Call handler(comm, msg) when a frontend opens a comm to target_name."
+    targets[target_name] = handler
+
+
+def get_parent() -> dict:
+    "The request being handled, as ipykernel's kernel.get_parent() gives it."
+    return kernel["parent"]
+
+
+def comm_callback(f, *args) -> bool:
+    "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
+    msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
+    kernel["running"] = True
+    try:
+        f(*args)
+        return True
+    except (Exception, KeyboardInterrupt) as e:
+        kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
+        show_error(e, f"{msg['header']['msg_type']} callback failed")
+        return False
+    finally:
+        kernel["running"] = False
+
+
+def show_error(e: BaseException, what: str):
+    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    error = error_content(e)
+    log(f"{what}:\n" + "\n".join(error["traceback"]))
+    publish("error", error, kernel["parent"]["header"])
+
+
+def comm_info_request(msg: dict) -> dict:
+    "Which comms are open, and their targets: all, or those of the target_name asked for."
+    wanted = msg["content"].get("target_name")
+    return {"status": "ok", "comms": {comm_id: {"target_name": comm.target_name}
+                                      for comm_id, comm in comms.items()
+                                      if wanted in (None, comm.target_name)}}
+
+
+def comm_open(msg: dict):
+    "A frontend opens a comm: our end goes to its target's handler; no such target, we close it."
+    c = msg["content"]
+    handler = targets.get(c["target_name"])
+    if handler is None:  # closed at once, so that the frontend does not wait
+        log(f"comm_open: no comm target {c['target_name']!r}, comm {c['comm_id']!r} closed")
+        publish("comm_close", {"comm_id": c["comm_id"], "data": {}}, msg["header"])
+        return
+    comm = Comm(c["target_name"], comm_id=c["comm_id"], primary=False)
+    if not comm_callback(handler, comm, msg):
+        comm.close()
+
+
+def comm_msg(msg: dict):
+    "Data for one of our comms: its on_msg callback gets the whole message, buffers included."
+    if comm := known_comm(msg):
+        comm_callback(comm.handle_msg, msg)
+
+
+def comm_close(msg: dict):
+    "A frontend closed a comm: forget it, and tell its on_close callback."
+    if comm := known_comm(msg):
+        comm.closed = True
+        del comms[comm.comm_id]
+        comm_callback(comm.handle_close, msg)
+
+
+def known_comm(msg: dict) -> Optional[Comm]:
+    "The comm a message is for; an unknown comm_id is logged, and the message dropped."
+    comm_id = msg["content"]["comm_id"]
+    if comm_id not in comms:
+        log(f"{msg['header']['msg_type']} for unknown comm_id {comm_id!r}: dropped")
+    return comms.get(comm_id)
+
+
 ################ Shell handlers: one request in, one reply out
 
 # Each handler takes a request and returns its reply's content, built right there; dispatch()
@@ -781,7 +950,8 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug; obj? and obj?? for help; !cmd for the shell.")
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
 DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
@@ -1017,16 +1187,6 @@ def connect_request(msg: dict) -> dict:
                                for name in CHANNELS}}
 
 
-def comm_info_request(msg: dict) -> dict:
-    "Which comms are open: none, since this kernel registers no comm targets."
-    return {"status": "ok", "comms": {}}
-
-
-def comm_open(msg: dict):
-    "A frontend wants a comm to a target we don't have: close it, so it does not wait."
-    publish("comm_close", {"comm_id": msg["content"]["comm_id"], "data": {}}, msg["header"])
-
-
 SHELL_HANDLERS = {
     "execute_request": execute_request,
     "kernel_info_request": kernel_info_request,
@@ -1037,8 +1197,8 @@ SHELL_HANDLERS = {
     "comm_info_request": comm_info_request,
     "connect_request": connect_request,
     "comm_open": comm_open,
-    "comm_msg": lambda msg: None,  # no comm is ever open: nothing to deliver it to
-    "comm_close": lambda msg: None,
+    "comm_msg": comm_msg,
+    "comm_close": comm_close,
 }
 
 
@@ -1324,8 +1484,122 @@ def ask_exit(keep_kernel: bool = False):
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
 
 
+def matplotlib_magic(arg: str):
+    "%matplotlib inline: accepted, and nothing to do: figures are inline already."
+    if arg.strip() not in ("", "inline"):
+        raise UsageError(f"%matplotlib {arg.strip()}: figures are inline here; for another"
+                         " backend, call matplotlib.use() before importing pyplot")
+
+
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system,
+          "matplotlib": matplotlib_magic}
+
+
+################ Optional integrations: comm, IPython.display and matplotlib, when imported
+
+# None of these is imported at startup, and the kernel needs none of them. A finder at the
+# head of sys.meta_path watches imports instead: when the user's code first imports one, the
+# real module loads as usual, then HOOKS points its hooks at this module, so that code written
+# for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
+# and shows itself through IPython.display.
+
+BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
+
+
+class HookOnImport:
+    "On sys.meta_path: find a module in HOOKS as the other finders do, and hook it once loaded."
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        if name not in HOOKS:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)  # old-style finders have none
+            if finder is not HookOnImport and find and (spec := find(name, path, target)):
+                break
+        else:
+            return None  # not installed: the ImportError the user expects
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            HOOKS[name](module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader, made for this import
+        return spec
+
+
+def hook_comm(comm):
+    "The comm package: its users create our Comms, and register targets with this module."
+    comm.create_comm, comm.get_comm_manager = Comm, lambda: me
+
+
+def hook_ipython_display(functions):
+    "IPython.display and the modules that import from it: display through minikernel."
+    functions.display, functions.clear_output = display, clear_output
+    functions.update_display, functions.publish_display_data = update_display, publish_data
+
+
+def publish_data(data: dict, metadata: Optional[dict] = None, source=None, *, transient=None,
+                 **kwargs):
+    "IPython's publish_display_data: a mimebundle, shown as it is."
+    display(data, raw=True, metadata=metadata, display_id=(transient or {}).get("display_id"),
+            **kwargs)
+
+
+def hook_matplotlib(matplotlib):
+    "matplotlib: figures inline, unless the user chose a backend (MPLBACKEND, or use() later)."
+    if "MPLBACKEND" not in os.environ:
+        matplotlib.use(BACKEND)
+
+
+def hook_ipywidgets(ipywidgets):
+    "ipywidgets: register its comm targets, and show its callbacks' errors (IPython's shell would)."
+    import logging  # ipywidgets has imported it already
+
+    ipywidgets.register_comm_target()
+    shown = logging.Handler(logging.WARNING)  # without a shell it logs them, to a NullHandler
+    shown.emit = lambda record: record.exc_info and show_error(record.exc_info[1],
+                                                               record.getMessage())
+    logging.getLogger("traitlets").addHandler(shown)  # the logger its widgets have
+
+
+HOOKS = {"comm": hook_comm, "IPython.core.display_functions": hook_ipython_display,
+         "matplotlib": hook_matplotlib, "ipywidgets": hook_ipywidgets}
+
+
+def __getattr__(name: str):
+    "The backend's FigureCanvas, looked up by matplotlib: imported only when pyplot asks."
+    if name == "FigureCanvas":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        globals()[name] = FigureCanvasAgg  # pyplot then copies this module's globals
+        return FigureCanvasAgg
+    raise AttributeError(f"module 'minikernel' has no attribute {name!r}")
+
+
+def show(block=None):
+    "plt.show(): every open figure as an image/png display_data, then closed."
+    import base64
+
+    from matplotlib import pyplot
+    from matplotlib._pylab_helpers import Gcf  # where pyplot keeps its figures, for backends
+
+    try:
+        for manager in Gcf.get_all_fig_managers():
+            png = io.BytesIO()
+            manager.canvas.figure.savefig(png, format="png", bbox_inches="tight")
+            display({"image/png": base64.b64encode(png.getvalue()).decode(),
+                     "text/plain": repr(manager.canvas.figure)}, raw=True)
+    finally:
+        pyplot.close("all")
+
+
+def show_figures():
+    "At the end of a cell: show the figures it drew and did not show, if we are the backend."
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot and pyplot.get_backend() == BACKEND:
+        show()
 
 
 ################ Output below Python: file descriptors 1 and 2, forwarded to the streams
@@ -1517,7 +1791,8 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
         log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
-    sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    sys.modules["minikernel"] = me  # so `import minikernel` finds this one, as matplotlib does
+    sys.meta_path.insert(0, HookOnImport)  # see Optional integrations
     if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
         sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells

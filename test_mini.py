@@ -2815,6 +2815,403 @@ def test_wire_format_identical_in_both_files():
     assert wire(CONSOLE) == wire(KERNEL)
 
 
+################ Comms, plots and IPython.display: the optional integrations, without a browser
+
+# A frontend's side of a comm is played here by raw pyzmq sockets, signed by jupyter_client's
+# Session: comm messages both ways, with buffers as raw frames after the four dicts. The comm
+# package, ipywidgets, matplotlib and IPython are real, and each is imported by a cell.
+
+OPTIONAL = ("comm", "ipywidgets", "matplotlib", "IPython")
+CHECK_IMPORTED = f"sorted(m for m in __import__('sys').modules if m.split('.')[0] in {OPTIONAL})"
+
+
+@pytest.fixture()
+def comm_kernel(raw_kernel):
+    "A kernel started by hand, its iopub subscribed: (process, Raw client)."
+    proc, _, raw, _ = raw_kernel
+    raw.recv(raw.iopub)  # anything on iopub: our subscription has arrived
+    return proc, raw
+
+
+def send(raw: Raw, msg_type: str, content: dict, buffers=()) -> str:
+    "Send a signed shell message, its buffers as raw frames after the four dicts; its msg_id."
+    msg = raw.session.msg(msg_type, content)
+    raw.shell.send_multipart(raw.session.serialize(msg) + list(buffers))
+    return msg["header"]["msg_id"]
+
+
+def iopub_of(raw: Raw, msg_id: str) -> list:
+    "The iopub messages with msg_id as parent, up to its status idle, statuses excluded."
+    got = []
+    while True:
+        msg = raw.recv(raw.iopub)
+        if msg["parent_header"].get("msg_id") != msg_id or msg["content"] == {
+                "execution_state": "busy"}:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return got
+        got.append(msg)
+
+
+def execute(raw: Raw, code: str) -> tuple:
+    "Run a cell over raw sockets: (reply content, its iopub messages but status)."
+    msg_id = send(raw, "execute_request", {"code": code, "silent": False})
+    outputs = [m for m in iopub_of(raw, msg_id) if m["msg_type"] != "execute_input"]
+    while (reply := raw.recv(raw.shell))["parent_header"]["msg_id"] != msg_id:
+        pass  # a reply to one of wait_ready's nudges
+    return reply["content"], outputs
+
+
+def only(msgs: list, msg_type: str) -> list:
+    return [m for m in msgs if m["msg_type"] == msg_type]
+
+
+def result(raw: Raw, code: str):
+    "A cell's text/plain result, the cell having run without error."
+    reply, outputs = execute(raw, code)
+    assert reply["status"] == "ok", reply
+    return only(outputs, "execute_result")[0]["content"]["data"]["text/plain"]
+
+
+ECHO_TARGET = """
+import comm
+def echo(c, msg):
+    print("opened", c.comm_id, msg["content"]["data"])
+    def on_msg(m):
+        c.send({"got": m["content"]["data"], "sizes": [len(b) for b in m["buffers"]]},
+               metadata={"echo": True}, buffers=[bytes(b)[::-1] for b in m["buffers"]])
+    c.on_msg(on_msg)
+    c.on_close(lambda m: print("closed", m["content"]["data"]))
+comm.get_comm_manager().register_target("echo", echo)
+"""
+
+
+def test_comm_opened_by_the_frontend_talks_both_ways_with_buffers(comm_kernel):
+    proc, raw = comm_kernel
+    assert execute(raw, ECHO_TARGET)[0]["status"] == "ok"
+    opened = iopub_of(raw, send(raw, "comm_open", {"comm_id": "c1", "target_name": "echo",
+                                                    "data": {"hi": 1}}))
+    assert only(opened, "comm_close") == []  # a known target: kept open
+    assert text([(m["msg_type"], m["content"]) for m in opened]) == "opened c1 {'hi': 1}\n"
+    msg_id = send(raw, "comm_msg", {"comm_id": "c1", "data": {"x": [1, 2]}},
+                  buffers=[b"abc", b"\x00\x01\xff\x10"])
+    (echoed,) = only(iopub_of(raw, msg_id), "comm_msg")
+    assert echoed["content"] == {"comm_id": "c1", "data": {"got": {"x": [1, 2]}, "sizes": [3, 4]}}
+    assert echoed["metadata"] == {"echo": True}
+    assert [bytes(b) for b in echoed["buffers"]] == [b"cba", b"\x10\xff\x01\x00"]
+    info = raw.request("comm_info_request", {})["content"]
+    assert info == {"status": "ok", "comms": {"c1": {"target_name": "echo"}}}
+    assert raw.request("comm_info_request", {"target_name": "echo"})["content"] == info
+    other = raw.request("comm_info_request", {"target_name": "jupyter.widget"})["content"]
+    assert other == {"status": "ok", "comms": {}}
+    closed = iopub_of(raw, send(raw, "comm_close", {"comm_id": "c1", "data": {"bye": 2}}))
+    assert text([(m["msg_type"], m["content"]) for m in closed]) == "closed {'bye': 2}\n"
+    assert raw.request("comm_info_request", {})["content"]["comms"] == {}
+
+
+def test_comm_opened_by_the_kernel_talks_both_ways_with_buffers(comm_kernel):
+    proc, raw = comm_kernel
+    reply, outputs = execute(raw, "import comm\ngot = []\n"
+                             "k = comm.create_comm(target_name='lab', data={'v': 1},"
+                             " metadata={'m': 2}, buffers=[b'\\x00\\xff'])\n"
+                             "k.on_msg(lambda m: got.append((m['content']['data'],"
+                             " [bytes(b) for b in m['buffers']])))\n"
+                             "k.on_close(lambda m: got.append('closed'))")
+    assert reply["status"] == "ok", reply
+    (opened,) = only(outputs, "comm_open")
+    comm_id = opened["content"]["comm_id"]
+    assert opened["content"]["target_name"] == "lab"
+    assert opened["content"]["data"] == {"v": 1}
+    assert opened["metadata"] == {"m": 2}
+    assert [bytes(b) for b in opened["buffers"]] == [b"\x00\xff"]
+    info = raw.request("comm_info_request", {"target_name": "lab"})["content"]["comms"]
+    assert info == {comm_id: {"target_name": "lab"}}
+    iopub_of(raw, send(raw, "comm_msg", {"comm_id": comm_id, "data": {"a": 1}},
+                       buffers=[b"\x01\x02"]))
+    assert result(raw, "got") == "[({'a': 1}, [b'\\x01\\x02'])]"
+    reply, outputs = execute(raw, "k.send({'b': 2}); k.close({'end': 3}); k.close()")
+    assert [(m["msg_type"], m["content"]) for m in outputs] == [
+        ("comm_msg", {"comm_id": comm_id, "data": {"b": 2}}),
+        ("comm_close", {"comm_id": comm_id, "data": {"end": 3}})]  # closed once
+    assert raw.request("comm_info_request", {})["content"]["comms"] == {}
+    assert result(raw, "got") == "[({'a': 1}, [b'\\x01\\x02'])]"  # our own close: no on_close
+
+
+def test_comm_bad_input_is_logged_and_dropped_and_a_raising_callback_is_shown(comm_kernel):
+    proc, raw = comm_kernel
+    assert execute(raw, ECHO_TARGET + "\ncomm.get_comm_manager().register_target("
+                   "'boom', lambda c, m: c.on_msg(lambda m: 1 / 0))")[0]["status"] == "ok"
+    iopub_of(raw, send(raw, "comm_msg", {"comm_id": "nobody", "data": {}}))
+    iopub_of(raw, send(raw, "comm_close", {"comm_id": "nobody", "data": {}}))
+    iopub_of(raw, send(raw, "comm_open", {"comm_id": "c2"}))  # no target_name
+    unknown = iopub_of(raw, send(raw, "comm_open", {"comm_id": "c3", "target_name": "nope",
+                                                     "data": {}}))
+    assert [m["content"]["comm_id"] for m in only(unknown, "comm_close")] == ["c3"]
+    iopub_of(raw, send(raw, "comm_open", {"comm_id": "c4", "target_name": "boom", "data": {}}))
+    failed = iopub_of(raw, send(raw, "comm_msg", {"comm_id": "c4", "data": {}}))
+    (error,) = only(failed, "error")  # shown where that message's outputs go
+    assert error["content"]["ename"] == "ZeroDivisionError"
+    assert "1 / 0" in "\n".join(error["content"]["traceback"])
+    assert "minikernel.py" not in "\n".join(error["content"]["traceback"])
+    again = iopub_of(raw, send(raw, "comm_msg", {"comm_id": "c4", "data": {}}))
+    assert len(only(again, "error")) == 1  # the comm and the shell loop live on
+    assert result(raw, "1 + 1") == "2"
+    assert raw.request("comm_info_request", {})["content"]["comms"] == {
+        "c4": {"target_name": "boom"}}
+    log = stop(proc)
+    assert "comm_msg for unknown comm_id 'nobody'" in log
+    assert "comm_close for unknown comm_id 'nobody'" in log
+    assert "comm_open failed: KeyError" in log
+    assert "no comm target 'nope'" in log
+    assert log.count("ZeroDivisionError") == 2 and "1 / 0" in log
+
+
+def test_optional_modules_are_imported_only_by_user_code(comm_kernel):
+    proc, raw = comm_kernel
+    assert result(raw, CHECK_IMPORTED) == "[]"  # after startup
+    assert text([(m["msg_type"], m["content"]) for m in execute(raw, "print(1)")[1]]) == "1\n"
+    assert result(raw, CHECK_IMPORTED) == "[]"
+    assert result(raw, "import comm, minikernel; comm.get_comm_manager() is minikernel") == "True"
+
+
+def run_shown(kc, code: str):
+    "run(), keeping only what a notebook shows: no status, no execute_input."
+    reply, outputs = run(kc, code)
+    return reply, [(t, c) for t, c in outputs if t not in ("status", "execute_input")]
+
+
+def pngs(outputs) -> list:
+    "The PNG images among the display_data outputs, checked to be PNG."
+    import base64
+    images = [base64.b64decode(c["data"]["image/png"]) for t, c in outputs
+              if t == "display_data" and "image/png" in c["data"]]
+    assert all(i.startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    return images
+
+
+def test_a_figure_appears_inline_at_show_once_and_is_closed(kernel):
+    _, kc = kernel
+    reply, outputs = run_shown(kc, "import matplotlib.pyplot as plt\nprint('before')\n"
+                         "plt.plot([1, 3, 2])\nplt.show()\nprint('after')")
+    assert reply["status"] == "ok", reply
+    assert [t for t, c in outputs] == ["stream", "display_data", "stream"]  # in order
+    assert len(pngs(outputs)) == 1
+    assert text(outputs, "stderr") == ""  # no "non-interactive backend" warning
+    reply, outputs = run_shown(kc, "plt.get_fignums(), plt.get_backend()")
+    assert outputs == [("execute_result", {"execution_count": reply["execution_count"],
+                        "data": {"text/plain": "([], 'module://minikernel')"}, "metadata": {}})]
+
+
+def test_figures_left_open_appear_at_the_end_of_the_cell(kernel):
+    _, kc = kernel
+    reply, outputs = run_shown(kc, "import matplotlib.pyplot as plt\nplt.plot([1, 2]);")
+    assert [t for t, c in outputs] == ["display_data"]  # the figure, and no Out for `;`
+    assert len(pngs(outputs)) == 1
+    reply, outputs = run_shown(kc, "plt.figure(); plt.plot([1])\nplt.figure(); plt.plot([2])\n"
+                         "print('drawn')")
+    assert [t for t, c in outputs] == ["stream", "display_data", "display_data"]
+    assert len(set(pngs(outputs))) == 2
+    reply, outputs = run_shown(kc, "plt.plot([3, 1]); 1 / 0")  # drawn, then failed: still shown
+    assert [t for t, c in outputs] == ["display_data", "error"]
+    assert run_shown(kc, "plt.get_fignums()")[1][0][1]["data"]["text/plain"] == "[]"
+
+
+def test_matplotlib_inline_magic_is_accepted_and_others_say_what_to_do(kernel):
+    _, kc = kernel
+    reply, outputs = run_shown(kc, "%matplotlib inline")
+    assert reply["status"] == "ok" and outputs == []
+    reply, outputs = run_shown(kc, "%matplotlib qt")
+    assert reply["ename"] == "UsageError" and "matplotlib.use" in reply["evalue"]
+
+
+@pytest.mark.parametrize("how", ["MPLBACKEND", "matplotlib.use"])
+def test_a_backend_the_user_chose_is_respected(how):
+    env = {**os.environ, "MPLBACKEND": "agg"} if how == "MPLBACKEND" else {}
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT,
+                              **({"env": env} if env else {}))
+    try:
+        choose = "" if env else "import matplotlib; matplotlib.use('agg')\n"
+        reply, outputs = run_shown(kc, choose + "import matplotlib.pyplot as plt\nplt.plot([1])\n"
+                             "print(plt.get_backend())")
+        assert reply["status"] == "ok", reply
+        assert outputs == [("stream", {"name": "stdout", "text": "agg\n"})]  # and no figure
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+RICH = {"HTML('<b>x</b>')": "text/html", "Markdown('*x*')": "text/markdown",
+        "SVG('<svg xmlns=\"http://www.w3.org/2000/svg\"/>')": "image/svg+xml",
+        "Latex('$x$')": "text/latex", "Math('x^2')": "text/latex",
+        "JSON({'a': 1})": "application/json", "Javascript('1')": "application/javascript",
+        "Image(data=PNG)": "image/png"}
+
+
+def test_ipython_display_renders_through_minikernel(kernel):
+    _, kc = kernel
+    png = "b'\\x89PNG\\r\\n\\x1a\\n' + bytes(20)"
+    code = (f"from IPython.display import *\nPNG = {png}\n" +
+            "\n".join(f"display({obj})" for obj in RICH) + "\nclear_output(wait=True)")
+    reply, outputs = run_shown(kc, code)
+    assert reply["status"] == "ok", reply
+    shown = [c["data"] for t, c in outputs if t == "display_data"]
+    assert [mime in data for mime, data in zip(RICH.values(), shown)] == [True] * len(RICH)
+    assert shown[0]["text/html"] == "<b>x</b>"
+    assert outputs[-1] == ("clear_output", {"wait": True})
+    assert text(outputs) == ""  # nothing fell back to printing a repr
+
+
+@pytest.mark.parametrize("prefix", ["from IPython.display import display, update_display\n",
+                                    "update_display = None\n"])
+def test_display_id_true_returns_a_handle_that_updates(kernel, prefix):
+    _, kc = kernel
+    code = prefix + ("h = display('one', display_id=True)\nh.update('two')\n"
+                     "h.display('three')\n")
+    if prefix.startswith("from"):
+        code += "update_display('four', display_id=h.display_id)"
+    reply, outputs = run_shown(kc, code)
+    assert reply["status"] == "ok", reply
+    ids = {c["transient"]["display_id"] for t, c in outputs}
+    assert len(ids) == 1 and len(ids.pop()) >= 16
+    shown = [(t, c["data"]["text/plain"]) for t, c in outputs]
+    assert shown[:3] == [("display_data", "'one'"), ("update_display_data", "'two'"),
+                         ("display_data", "'three'")]
+    if prefix.startswith("from"):
+        assert shown[3:] == [("update_display_data", "'four'")]
+
+
+def widget_comms(outputs) -> dict:
+    "comm_id -> state, for the widgets opened among the iopub messages."
+    return {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in outputs
+            if m["msg_type"] == "comm_open" and m["content"]["target_name"] == "jupyter.widget"}
+
+
+def update(raw: Raw, comm_id: str, **state) -> list:
+    "Do what a frontend does when a slider is dragged: send the new state; the outputs."
+    return iopub_of(raw, send(raw, "comm_msg", {"comm_id": comm_id, "data": {
+        "method": "update", "state": state, "buffer_paths": []}}))
+
+
+def test_int_slider_observe_and_setting_value(comm_kernel):
+    proc, raw = comm_kernel
+    reply, outputs = execute(raw, "import ipywidgets as w\ns = w.IntSlider(3)\n"
+                             "s.observe(lambda ch: print('now', ch['new']), 'value')\ns")
+    assert reply["status"] == "ok", reply
+    (view,) = only(outputs, "execute_result")
+    model = view["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    assert widget_comms(outputs)[model]["value"] == 3
+    assert widget_comms(outputs)[model]["_model_name"] == "IntSliderModel"
+    dragged = update(raw, model, value=7)
+    assert text([(m["msg_type"], m["content"]) for m in dragged]) == "now 7\n"
+    assert result(raw, "s.value") == "7"
+    reply, outputs = execute(raw, "s.value = 5")
+    updates = [m["content"] for m in only(outputs, "comm_msg")]
+    assert {"comm_id": model, "data": {"method": "update", "state": {"value": 5},
+                                       "buffer_paths": []}} in updates
+    assert text([(m["msg_type"], m["content"]) for m in outputs]) == "now 5\n"
+
+
+def test_a_widget_callback_that_raises_is_shown_and_logged(comm_kernel):
+    proc, raw = comm_kernel
+    model = result(raw, "import ipywidgets as w\ns = w.IntSlider(3)\n"
+                   "s.observe(lambda change: 1 / 0, 'value')\ns.model_id")[1:-1]
+    (error,) = only(update(raw, model, value=7), "error")  # ipywidgets caught it, and logged it
+    assert error["content"]["ename"] == "ZeroDivisionError"
+    assert "1 / 0" in "\n".join(error["content"]["traceback"])
+    assert result(raw, "s.value") == "7"
+    assert "ZeroDivisionError" in stop(proc)
+
+
+def test_widget_control_comm_sends_every_widgets_state(comm_kernel):
+    proc, raw = comm_kernel
+    model = result(raw, "import ipywidgets as w\ns = w.IntSlider(4)\ns.model_id")
+    refused = iopub_of(raw, send(raw, "comm_open", {"comm_id": "ctl", "target_name":
+                                                    "jupyter.widget.control", "data": {}}))
+    assert [m["content"]["comm_id"] for m in only(refused, "comm_close")] == ["ctl"]
+    # ipywidgets wants the control protocol's version in the comm_open's metadata.
+    msg = raw.session.msg("comm_open", {"comm_id": "ctl2", "target_name": "jupyter.widget.control",
+                                        "data": {}}, metadata={"version": "1.0.0"})
+    raw.shell.send_multipart(raw.session.serialize(msg))
+    assert only(iopub_of(raw, msg["header"]["msg_id"]), "comm_close") == []
+    (states,) = only(iopub_of(raw, send(raw, "comm_msg", {"comm_id": "ctl2", "data": {
+        "method": "request_states"}})), "comm_msg")
+    assert states["content"]["data"]["method"] == "update_states"
+    assert states["content"]["data"]["states"][model[1:-1]]["state"]["value"] == 4
+
+
+def test_output_widget_captures_what_its_with_block_prints(comm_kernel):
+    proc, raw = comm_kernel
+    msg_id = send(raw, "execute_request", {"code": "import ipywidgets as w\nout = w.Output()\n"
+                                           "print('before')\nwith out:\n    print('inside')\n"
+                                           "print('after')"})
+    seen = [(m["msg_type"], m["content"]["text"] if m["msg_type"] == "stream" else
+             m["content"]["data"].get("state", {}).get("msg_id")) for m in iopub_of(raw, msg_id)
+            if m["msg_type"] in ("stream", "comm_msg")]
+    # A frontend puts into the widget what has msg_id as parent, from the first update to the
+    # second; so the prints must come in between, in order.
+    assert seen == [("stream", "before\n"), ("comm_msg", msg_id), ("stream", "inside\n"),
+                    ("comm_msg", ""), ("stream", "after\n")]
+
+
+def test_interact_reruns_f_into_its_output_widget(comm_kernel):
+    proc, raw = comm_kernel
+    reply, outputs = execute(raw, "from ipywidgets import interact\n"
+                             "@interact(x=(0, 10))\ndef f(x):\n    print('f of', x)")
+    assert reply["status"] == "ok", reply
+    comms = widget_comms(outputs)
+    (slider,) = [i for i, s in comms.items() if s["_model_name"] == "IntSliderModel"]
+    (out,) = [i for i, s in comms.items() if s["_model_name"] == "OutputModel"]
+    assert text([(m["msg_type"], m["content"]) for m in outputs]) == "f of 5\n"
+    rerun = update(raw, slider, value=8)
+    capture = [m["content"]["data"]["state"]["msg_id"] for m in only(rerun, "comm_msg")
+               if m["content"]["comm_id"] == out and "msg_id" in m["content"]["data"]["state"]]
+    printed = only(rerun, "stream")
+    assert [m["content"]["text"] for m in printed] == ["f of 8\n"]
+    # The Output widget captures what has the slider's comm_msg as parent, while msg_id says so.
+    assert capture == [printed[0]["parent_header"]["msg_id"], ""]
+
+
+WIDGET_NOTEBOOK = [
+    "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]);",
+    "from IPython.display import HTML, display\ndisplay(HTML('<i>rich</i>'))",
+    "import ipywidgets as w\nslider = w.IntSlider(6)\nslider",
+    "@w.interact(n=(0, 4))\ndef twice(n):\n    print('twice', 2 * n)",
+]
+
+
+def widget_notebook():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in WIDGET_NOTEBOOK])
+    nb.metadata.kernelspec = dict(KERNELSPEC)
+    return nb
+
+
+def test_nbclient_runs_a_notebook_that_plots_and_uses_widgets():
+    nb = widget_notebook()
+    NotebookClient(nb, kernel_name="minikernel", timeout=60, startup_timeout=30).execute()
+    plot, rich, slider, interact = nb.cells
+    assert [o.output_type for o in plot.outputs] == ["display_data"]
+    assert plot.outputs[0].data["image/png"]
+    assert rich.outputs[0].data["text/html"] == "<i>rich</i>"
+    view = slider.outputs[0].data["application/vnd.jupyter.widget-view+json"]
+    states = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    assert states[view["model_id"]]["state"]["value"] == 6
+    # nbclient plays the Output widget's frontend part: interact's print is captured in it.
+    (out,) = [s["state"] for s in states.values() if s["model_name"] == "OutputModel"]
+    assert out["outputs"] == [{"output_type": "stream", "name": "stdout", "text": "twice 4\n"}]
+
+
+def test_jupyter_execute_runs_a_notebook_that_plots_and_uses_widgets(tmp_path):
+    path = tmp_path / "widgets.ipynb"
+    nbformat.write(widget_notebook(), str(path))
+    r = subprocess.run(["jupyter", "execute", "--inplace", str(path)], capture_output=True,
+                       text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nb = nbformat.read(str(path), as_version=4)
+    assert "image/png" in nb.cells[0].outputs[0].data
+    assert "application/vnd.jupyter.widget-view+json" in nb.cells[2].outputs[0].data
+
+
+
 ################ notebook_demo.ipynb, run by nbclient on the minikernel kernelspec
 
 # The notebook runs as a Jupyter server runs one: the connection file is in the runtime dir.
@@ -3023,7 +3420,7 @@ def test_readme_maps_every_section_in_reading_order():
 
 
 def protocol_table() -> dict:
-    "README's protocol table: {msg_type: its minikernel column (yes, no or refused)}."
+    "README's protocol table: {msg_type: its minikernel column (yes or no)}."
     text = readme()
     table = text[text.index("## Protocol coverage"):]
     table = table[table.index("\n|"):]
@@ -3041,7 +3438,7 @@ def test_readme_protocol_table_matches_the_kernels_handlers():
     import minikernel  # importing it starts nothing
 
     rows = protocol_table()
-    assert set(rows.values()) <= {"yes", "no", "refused"}, set(rows.values())
+    assert set(rows.values()) <= {"yes", "no"}, set(rows.values())
     handled = set(minikernel.SHELL_HANDLERS) | set(minikernel.CONTROL_HANDLERS)
     for msg_type in handled:
         assert rows.get(msg_type, "no") != "no", f"{msg_type} is handled; the README says no"
