@@ -76,6 +76,8 @@ __version__ = "0.1.0"
 USER = os.environ.get("USER", "username")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CELLS_KEPT = 1000  # a long session keeps the history and source lines of its last 1,000 cells
+
 # What the threads share. main() fills in the sockets and session; the shell handlers keep
 # the rest up to date as requests come and go.
 kernel = {
@@ -87,7 +89,7 @@ kernel = {
     "cell": {},  # header of the execute_request running, or run last: what output belongs to
     "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
-    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
@@ -201,7 +203,8 @@ def write_connection_file(path: str, conn: dict):
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
 HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
@@ -210,7 +213,7 @@ def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
@@ -251,14 +254,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -975,8 +978,10 @@ def execute_request(msg: dict) -> dict:
     finally:
         kernel["silent"] = False
     if store:
-        kernel["history"].append((n, code, result))
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
         kernel["execution_count"] += 1
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
         if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
             kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
@@ -1160,7 +1165,7 @@ def has_body(statement) -> bool:
 def history_request(msg: dict) -> dict:
     "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
     import fnmatch
-    c, rows = msg["content"], kernel["history"]
+    c, rows = msg["content"], list(kernel["history"])
     kind = c.get("hist_access_type")
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows

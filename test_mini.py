@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 
 import jupyter_kernel_test
 import nbformat
@@ -5317,6 +5318,71 @@ def test_deeply_nested_json(tmp_path):
     assert_survived(one_bad_message(tmp_path, lambda fake, request: fake.signed(
         json.dumps(fake.header("stream")).encode(), json.dumps(request["header"]).encode(),
         b"{}", deep)))
+
+
+################ Performance: a long session's memory stays bounded
+
+# What a kernel keeps per message must not grow for ever. These count what is kept after more
+# requests than the bound; the soak row of bench/compare.py measures the RSS.
+
+
+def test_long_session_keeps_history_and_lines_of_the_last_cells_only(tmp_path):
+    proc, conn = start_raw(tmp_path)
+    raw = Raw(conn)
+    try:
+        wait_ready(raw, proc)
+        cells = 1100  # more than CELLS_KEPT, sent at once: the kernel runs them in order
+        for i in range(cells):
+            raw.shell.send_multipart(raw.frames("execute_request", {"code": f"{i} + 1"}))
+        counts = []
+        while len(counts) < cells:  # skipping wait_ready's extra kernel_info replies
+            if (reply := raw.recv(raw.shell))["msg_type"] == "execute_reply":
+                counts.append(reply["content"]["execution_count"])
+        assert counts == list(range(1, cells + 1))
+        code = ("import linecache, minikernel\n"
+                "print(sum(k.startswith('<Cell In[') for k in linecache.cache),"
+                " len(minikernel.kernel['history']))\n"
+                "def f():\n    1 / 0")  # a function's cell keeps its lines for a traceback
+        reply = raw.request("execute_request", {"code": code})
+        assert reply["content"]["status"] == "ok"
+        stdout = []
+        while len(stdout) < 1:
+            msg = raw.recv(raw.iopub)
+            if msg["msg_type"] == "stream" and msg["parent_header"] == reply["parent_header"]:
+                stdout.append(msg["content"]["text"])
+        assert stdout == ["1001 1000\n"]  # CELLS_KEPT of each (and this cell's lines), not 1,101
+        history = raw.request("history_request", {"hist_access_type": "range", "start": 1,
+                                                  "output": False})["content"]["history"]
+        assert [h[1] for h in history] == list(range(cells + 2 - 1000, cells + 2))
+        error = raw.request("execute_request", {"code": "f()"})["content"]
+        assert "    1 / 0" in "\n".join(error["traceback"])  # its source line is still there
+    finally:
+        raw.close()
+        stop(proc)
+
+
+def test_replay_memory_is_bounded_and_small():
+    "70,000 signed messages: at most REPLAY_MEMORY signatures remembered, in under 6 MiB."
+    sys.path.insert(0, HERE)
+    import minikernel  # importing it starts nothing
+
+    frontend, kernel_side = minikernel.new_session("k"), minikernel.new_session("k")
+
+    def signed():
+        return minikernel.to_frames(frontend, minikernel.new_msg(frontend, "kernel_info_request",
+                                                                 {}))
+
+    for i in range(70000):
+        frames = signed()
+        minikernel.from_frames(kernel_side, frames)
+        if i == 60000:
+            recent = frames
+    memory = [v for v in kernel_side.values() if isinstance(v, (set, list, dict, deque))]
+    size = sum(sys.getsizeof(c) + sum(map(sys.getsizeof, c)) for c in memory)
+    assert len(set().union(*memory)) <= minikernel.REPLAY_MEMORY
+    assert size < 6 * 2**20, f"{size / 2**20:.1f} MiB"
+    with pytest.raises(ValueError, match="replayed"):  # one of the last 10,000: still refused
+        minikernel.from_frames(kernel_side, recent)
 
 
 ################ The project's ground
