@@ -86,7 +86,8 @@ kernel = {
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
-    "cell": {},  # header of the execute_request running, or run last: what output belongs to
+    "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
+    # or a comm message whose callback runs): what output belongs to
     "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
@@ -345,13 +346,18 @@ def sending():
     try:
         with uninterrupted():
             yield
-            iopub, queue = kernel["sockets"]["iopub"], output["queue"]
-            while queue:
-                frames = queue.popleft()
-                if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-                    iopub.send_multipart(frames)
+            send_queued()
     finally:
         output["sending"] = False
+
+
+def send_queued():
+    "Send what the queue holds, oldest first (inside sending())."
+    iopub, queue = kernel["sockets"]["iopub"], output["queue"]
+    while queue:
+        frames = queue.popleft()
+        if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+            iopub.send_multipart(frames)
 
 
 def flush_output():
@@ -367,6 +373,7 @@ def flush_output():
             for i in range(0, len(text), PIECE_SIZE):
                 piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
                 send_iopub("stream", piece, kernel["cell"])
+                send_queued()  # each piece as it is made: a huge print never holds all its frames
 
 
 def give_back_memory():
@@ -881,7 +888,8 @@ def comm_callback(f, *args) -> bool:
     msg = args[-1]  # the message comes last
     # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
-    kernel["running"] = True
+    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
+    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
     try:
         f(*args)
         return True
