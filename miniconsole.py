@@ -60,6 +60,7 @@ import zmq
 USER = os.environ.get("USER", "username")
 TICK = 0.25  # seconds between looks at iopub and hb while we wait for a line
 HB_SILENCE = 1.5  # seconds without a heartbeat echo before the kernel counts as dead
+COMPLETE_WAIT = 15.0  # seconds Tab waits: ipykernel's first (jedi) completion can take seconds
 OTHER = "[other frontend] "  # marks each line that another frontend's cell produced
 EXIT_COMMANDS = {"exit", "quit", "exit()", "quit()"}
 KERNEL_DIED = 3  # exit code; 1 means no kernel was found, or (piped) a cell raised
@@ -407,7 +408,7 @@ def complete(con: Console, text: str, state: int) -> Optional[str]:
         con.matches = []
         line, begin, end = readline.get_line_buffer(), readline.get_begidx(), readline.get_endidx()
         reply = None if con.running else con.client.request(  # not while the kernel waits on stdin
-            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=2.0)
+            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=COMPLETE_WAIT)
         content = reply["content"] if reply else {}
         for match in content.get("matches", []) if content.get("status") == "ok" else []:
             full = line[: content["cursor_start"]] + match  # the line as the kernel completes it
