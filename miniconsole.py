@@ -134,9 +134,11 @@ def start_kernel() -> tuple:
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
@@ -560,7 +562,7 @@ def show_message(con: Console, arrow: str, channel: str, msg: dict) -> None:
 
 ################ stdin: the kernel asks us for a line
 
-# input() or pdb in the kernel sends  input_request {"prompt": "ipdb> ", "password": false}
+# input() or pdb in the kernel sends  input_request {"prompt": "(Pdb) ", "password": false}
 # to the identity of the shell request that is running, that is to us; we send back
 #   input_reply {"value": "p x"}   with the request's header as parent_header.
 

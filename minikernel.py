@@ -23,6 +23,30 @@ Every request on shell and control is answered on the same socket, and bracketed
 status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
 frontend sees it, each knowing from parent_header which request it belongs to.
 
+One cell, `print("hi"); 1 + 1`, as it travels: what `python minikernel.py --show-messages`
+prints while a frontend F runs it (<- received, -> sent). Every message the kernel sends about
+it carries F's execute_request header as its parent_header; only the reply goes to F alone.
+
+      shell <- execute_request      {"code": "print(\"hi\"); 1 + 1", "silent": false, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "print(\"hi\"); 1 + 1", "execution_count": 1}
+      iopub -> stream               {"name": "stdout", "text": "hi\n"}
+      iopub -> execute_result       {"execution_count": 1, "data": {"text/plain": "2"}, ...}
+      shell -> execute_reply        {"status": "ok", "execution_count": 1, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
+And `name = input("Name? ")`: the kernel asks on stdin, addressed with the routing identity
+that F's execute_request came from on shell (F's shell and stdin DEALERs share it), so only F
+is asked, and F answers with the input_request as parent_header.
+
+      shell <- execute_request      {"code": "name = input(\"Name? \")", "allow_stdin": true, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "name = input(\"Name? \")", "execution_count": 2}
+      stdin -> input_request        {"prompt": "Name? ", "password": false}
+      stdin <- input_reply          {"value": "Ada"}
+      shell -> execute_reply        {"status": "ok", "execution_count": 2, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
 The sections follow a message's life: the connection file, the wire format, the heartbeat,
 iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
 """
@@ -69,6 +93,7 @@ kernel = {
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
     "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
@@ -79,6 +104,19 @@ def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
         print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
+
+
+def trace(arrow: str, channel: str, msg: dict):
+    "--show-messages: a message received (<-) or sent (->), one line, as miniconsole shows it."
+    if not kernel["trace"]:
+        return
+    try:  # ASCII JSON: a lone surrogate or any other text is safe on any terminal
+        content = json.dumps(msg["content"], default=str)
+    except (ValueError, RecursionError):  # a cycle, or nested deeper than we can print
+        content = "<content not printable>"
+    content = content if len(content) <= 80 else content[:77] + "..."
+    buffers = f" +{len(msg['buffers'])} buffers" if msg.get("buffers") else ""
+    log(f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}{buffers}")
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -150,9 +188,11 @@ def write_connection_file(path: str, conn: dict):
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
@@ -267,6 +307,7 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
     iopub, session = kernel["sockets"]["iopub"], kernel["session"]
     if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
         msg = new_msg(session, msg_type, content, parent)
+        trace("->", "iopub", msg)
         topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
         send_whole(iopub, to_frames(session, msg, [topic.encode()]))
 
@@ -316,8 +357,10 @@ def iopub_ticker(iopub: zmq.Socket):
                 return
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
-                if event[:1] == b"\x01":
+                if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
+                    # Published on that topic, so zmq's prefix matching hands it to everyone
+                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
             flush_output()
 
@@ -435,6 +478,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
     drain(stdin)  # replies to earlier, interrupted requests are stale now
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
+    trace("->", "stdin", msg)
     try:
         send_whole(stdin, to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
@@ -445,6 +489,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
+        trace("<-", "stdin", reply)
         if reply["header"]["msg_type"] == "input_reply":
             break
     value = reply["content"].get("value", "")
@@ -612,7 +657,8 @@ def run_on_loop(coroutine):
     try:
         loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
     except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
-        task.cancel()  # finally blocks
+        task.cancel()  # finally blocks; a second interrupt (interrupt_request may send two)
+        kernel["running"] = False  # waits, so it cannot cut them short; a shutdown still can
         with contextlib.suppress(BaseException):
             loop.run_until_complete(asyncio.wait([task]))
         raise
@@ -663,6 +709,7 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
           "Magics: %connect_info, %console, %debug; obj? and obj?? for help; !cmd for the shell.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
@@ -890,11 +937,14 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
         log(f"{channel}: dropped a message: {e}")
         return
+    trace("<-", channel, msg)
     msg_type, header = msg["header"]["msg_type"], msg["header"]
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
-        return to_frames(session, new_msg(session, reply_type, content, header), msg["ids"])
+        reply = new_msg(session, reply_type, content, header)
+        trace("->", channel, reply)
+        return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
@@ -1027,7 +1077,7 @@ def shutdown_request(msg: dict) -> dict:
 CONTROL_HANDLERS = {
     "shutdown_request": shutdown_request,
     "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
 }
 
 
@@ -1211,8 +1261,9 @@ def forward_fds():
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
-usage: python minikernel.py [-f FILE] [--ip ADDR]
+usage: python minikernel.py [-f FILE] [--ip ADDR] [--show-messages]
        python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+                                    [--show-messages]
 
 Start a kernel:
   python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
@@ -1220,9 +1271,14 @@ Start a kernel:
   python minikernel.py -f FILE       the kernelspec way: bind exactly what FILE says (transport,
                                      ip, ports, key); if FILE does not exist, write it as above
   python minikernel.py --ip ADDR     listen on ADDR instead of 127.0.0.1 (warns if not loopback)
+  python minikernel.py --show-messages
+                                     print every message received (<-) and sent (->) on stderr
 
 Let Jupyter start it (jupyter console --kernel minikernel, nbclient, JupyterLab):
   python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+  python minikernel.py install --show-messages
+                                     a kernelspec "minikernel-trace" whose kernel prints every
+                                     message in the terminal of whoever started it (the server)
 
 Attach to a running kernel: python miniconsole.py --existing
 Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend, or kill PID.
@@ -1230,9 +1286,9 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 
 
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
-OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1"},
+OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
-                       "--name": "minikernel"}}
+                       "--name": None, "--show-messages": False}}
 
 
 def parse_args(argv: list) -> tuple[str, dict]:
@@ -1265,16 +1321,21 @@ def usage_error(problem: str):
 
 def install(opts: dict):
     "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
+    trace = opts["--show-messages"]
+    name = opts["--name"] or ("minikernel-trace" if trace else "minikernel")
     prefix = opts["--prefix"] or (sys.prefix if opts["--sys-prefix"] else None)
     base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
-    spec_dir = os.path.join(base, "kernels", opts["--name"])
+    spec_dir = os.path.join(base, "kernels", name)
     os.makedirs(spec_dir, exist_ok=True)
-    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
-            "display_name": f"Python 3 ({opts['--name']})", "language": "python",
+    # interrupt_mode "message": Jupyter interrupts with interrupt_request on control rather than
+    # SIGINT to our process group, the same way a console attached with --existing must.
+    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}",
+                     *["--show-messages"] * trace],
+            "display_name": f"{DISPLAY_NAME} ({name})", "language": LANGUAGE_INFO["name"],
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    print(f"Installed kernelspec {opts['--name']} in {spec_dir}")
+    print(f"Installed kernelspec {name} in {spec_dir}")
 
 
 def remove_connection_file():
@@ -1284,7 +1345,7 @@ def remove_connection_file():
             os.remove(kernel["connection_file"])
 
 
-def serve(path: Optional[str], ip: str):
+def serve(path: Optional[str], ip: str, show_messages: bool):
     "Bind the five sockets, start the threads, and run shell requests until shutdown."
     parent = os.getppid()  # now, before the connection file tells the launcher we are up
     if path and os.path.exists(path):
@@ -1316,6 +1377,9 @@ def serve(path: Optional[str], ip: str):
               f"    jupyter console --existing {kernel['connection_file']}\n"
               f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
               file=sys.__stdout__, flush=True)
+    if show_messages:
+        kernel["trace"] = True
+        log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
@@ -1371,7 +1435,7 @@ def main(argv: list):
     if command == "install":
         install(opts)
     else:
-        serve(opts["-f"], opts["--ip"])
+        serve(opts["-f"], opts["--ip"], opts["--show-messages"])
 
 
 if __name__ == "__main__":

@@ -209,6 +209,53 @@ class TestIopubWelcome(jupyter_kernel_test.IopubWelcomeTests):
     support_iopub_welcome = True
 
 
+def recipe_blocks() -> list:
+    "The python blocks of the README's 'Make it a kernel for another language'."
+    text = readme()
+    part = text[text.index("## Make it a kernel for another language"):]
+    part = part[: part.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", part, re.S)
+
+
+def replace_definitions(source: str, block: str) -> str:
+    "Put each top-level def or assignment of block in place of the one of the same name."
+    import ast
+
+    def spans(text: str) -> dict:  # name -> (first, last line) of each def or assignment
+        return {getattr(n, "name", None) or n.targets[0].id: (n.lineno - 1, n.end_lineno)
+                for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.Assign))}
+    lines, new, old = source.splitlines(True), block.splitlines(True), spans(source)
+    for name, (a, b) in sorted(spans(block).items(), key=lambda item: -old[item[0]][0]):
+        start, end = old[name]  # from the bottom up, so the line numbers above still hold
+        lines[start:end] = new[a:b]
+    return "".join(lines)
+
+
+class TestEchoKernelFromTheRecipe(jupyter_kernel_test.KernelTests):
+    "The README's recipe, applied to a copy of minikernel.py, is a working kernel."
+
+    kernel_name = "echo-recipe"
+    language_name = "echo"
+    file_extension = ".txt"
+    code_hello_world = "hello, world"
+    complete_code_samples = ["for i in range(3):", "x = ("]
+    code_history_pattern = "hel*"
+    supported_history_operations = ("tail", "range", "search")
+
+    @classmethod
+    def setUpClass(cls):
+        with open(KERNEL) as f:
+            source = f.read()
+        for block in recipe_blocks():
+            source = replace_definitions(source, block)
+        path = os.path.join(JUPYTER_HOME, "echo.py")
+        with open(path, "w") as f:
+            f.write(source)
+        subprocess.run([sys.executable, path, "install", "--user", "--name", cls.kernel_name],
+                       check=True, capture_output=True, timeout=TIMEOUT)
+        super().setUpClass()
+
+
 ################ Execution: REPL semantics
 
 
@@ -536,6 +583,89 @@ def test_each_new_subscriber_gets_its_own_welcome(kernel):
     finally:
         for raw in raws:
             raw.close()
+
+
+################ Watching the wire: the kernel's --show-messages
+
+
+TRACE_LINE = re.compile(r"^\[minikernel\] +(shell|iopub|stdin|control) (<-|->) (\w+) +(.*)$")
+
+
+def traced(tmp_path, cells, stdin=()) -> list:
+    "Run cells on a kernel started with --show-messages: its trace, as (channel, arrow, type)."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    kc = BlockingKernelClient(connection_file=conn["path"])
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        for code in cells:
+            run(kc, code, stdin=stdin)
+    finally:
+        kc.stop_channels()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert "hb pings are raw bytes echoed in C, not shown" in err.splitlines()[0]
+    return lines
+
+
+def one_request(lines: list, code_start: str) -> list:
+    "The traced messages from the execute_request whose code starts so, to its idle."
+    start = next(i for i, (ch, arrow, kind, content) in enumerate(lines)
+                 if kind == "execute_request" and content.startswith(f'{{"code": {code_start}'))
+    end = next(i for i in range(start, len(lines)) if lines[i][2] == "status"
+               and "idle" in lines[i][3])
+    return [(ch, arrow, kind) for ch, arrow, kind, _ in lines[start : end + 1]]
+
+
+def docstring_transcripts() -> list:
+    "The two transcripts at the top of minikernel.py, as lists of (channel, arrow, type)."
+    with open(KERNEL) as f:
+        doc = f.read().split('"""')[1]
+    blocks = re.findall(r"((?:^ {6}\w+ (?:<-|->) \w+.*\n)+)", doc, re.M)
+    return [[tuple(line.split()[:3]) for line in block.splitlines()] for block in blocks]
+
+
+def test_the_transcript_at_the_top_is_what_really_travels(tmp_path):
+    lines = traced(tmp_path, ['print("hi"); 1 + 1', 'name = input("Name? ")'], stdin=["Ada"])
+    cell, ask = docstring_transcripts()
+    assert one_request(lines, r'"print(\"hi\")') == cell
+    assert one_request(lines, r'"name = input(') == ask
+    assert ("shell", "<-", "kernel_info_request") in [line[:3] for line in lines]
+
+
+def test_show_messages_never_breaks_a_session(tmp_path):
+    "Huge output, a lone surrogate, binary buffers and unprintable content are all shortened."
+    proc, conn = start_raw(tmp_path, extra_args=["--show-messages"])
+    raw = Raw(conn)
+    try:
+        wait_ready(raw, proc)
+        msg = raw.session.msg("execute_request", {"code": "print('x' * 3_000_000, '\\ud800')",
+                                                  "silent": False})
+        raw.shell.send_multipart(raw.session.serialize(msg) + [b"\xff\xfe raw", b"\x00"])
+        assert raw.recv(raw.shell)["content"]["status"] == "ok"
+        assert raw.request("execute_request", {"code": "1", "silent": False}
+                           )["content"]["status"] == "ok"
+    finally:
+        raw.close()
+        err = stop(proc)
+    lines = [m.groups() for m in map(TRACE_LINE.match, err.splitlines()) if m]
+    assert ("shell", "<-", "execute_request") in [line[:3] for line in lines]
+    assert any(content.endswith("+2 buffers") for _, _, kind, content in lines
+               if kind == "execute_request")
+    streams = [content for _, _, kind, content in lines if kind == "stream"]
+    assert len(streams) >= 3 and all(len(c) <= 80 for c in streams)  # 1 MiB pieces, shortened
+    assert max(map(len, err.splitlines())) < 200
+    assert "Traceback" not in err
+
+
+def test_install_show_messages_writes_a_tracing_kernelspec(tmp_path):
+    subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path),
+                    "--show-messages"], check=True, capture_output=True, timeout=TIMEOUT)
+    spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel-trace/kernel.json")
+                      .read_text())
+    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}", "--show-messages"]
+    assert spec["display_name"] == "Python 3 (minikernel-trace)"
 
 
 ################ Control: interrupt, heartbeat, shutdown
@@ -1294,6 +1424,8 @@ def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
 
 def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
     proc, _, raw, _ = raw_kernel
+    while raw.recv(raw.iopub)["msg_type"] != "iopub_welcome":  # subscribed: nothing is missed
+        pass
     raw.shell.send_multipart(raw.frames("frobnicate_request", {}))
     raw.request("execute_request", {"code": "import os; os.write(2, b'user fd 2\\n')"})
     assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
@@ -1486,7 +1618,8 @@ def test_an_interrupt_during_await_cancels_the_task_and_the_next_cell_runs(fresh
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     printed = []
-    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle":
+    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle" \
+            or msg["parent_header"]["msg_id"] != msg_id:  # (not the interrupt_request's idle)
         printed.append(msg["content"].get("text", ""))
     assert "cancelled, cleaned up\n" in printed
     reply, outputs = run(kc, "await asyncio.sleep(0, 'the next cell')")
@@ -2442,8 +2575,8 @@ def test_readme_performance_table_names_its_date_machine_and_command():
     text = readme()
     perf = text[text.index("\n## Performance\n"):]
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC · .+ cores · .*Python 3", perf)
-    assert "| row | minikernel | ipykernel | floor | minikernel target |" in perf
-    assert "```bash\npython bench/compare.py\n```" in perf
+    assert re.search(r"\n\| row \| minikernel \| .*ipykernel \| floor \| minikernel target", perf)
+    assert re.search(r"```bash\n(.*\n)*python bench/compare.py.*\n(.*\n)*```", perf)
 
 
 ################ Hardening: hostile input, faults, load and flood
@@ -4307,13 +4440,20 @@ def readme_commands() -> list:
     return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_benchmark_smoke_run():
-    "bench/compare.py runs end to end on minikernel and the floor; no timing is asserted."
+def test_benchmark_smoke_run(tmp_path):
+    "bench/compare.py runs end to end: minikernel, the floor, a soak, the consoles; no timing."
+    missing = str(tmp_path / "no-python")  # an absent peer keeps its column, saying so
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "compare.py"), "--quick",
-                        "--reps", "1", "--kernels", "minikernel,floor"],
+                        "--reps", "1", "--kernels", "minikernel,floor,xeus-python",
+                        "--xeus-python", missing, "--soak", "2000", "--consoles"],
                        capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stderr
-    assert "| row | minikernel | floor |" in r.stdout
+    assert "| row | minikernel | floor | xeus-python |" in r.stdout
+    assert "| kernel_info round trip, µs | " in r.stdout
+    rows = r.stdout.split("\n\n")[1].splitlines()[2:]  # the kernels' table, below its header
+    assert len(rows) > 20 and all(row.split(" | ")[3] == "not installed" for row in rows)
+    assert "| soak: RSS after 2,000 cells, MiB | " in r.stdout
+    assert "| row | miniconsole | jupyter console |" in r.stdout
     assert "**no**" not in r.stdout  # every output arrived, exact
 
 
