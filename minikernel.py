@@ -761,7 +761,8 @@ def run_on_loop(coroutine):
     try:
         loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
     except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
-        task.cancel()  # finally blocks
+        task.cancel()  # finally blocks; a second interrupt (interrupt_request may send two)
+        kernel["running"] = False  # waits, so it cannot cut them short; a shutdown still can
         with contextlib.suppress(BaseException):
             loop.run_until_complete(asyncio.wait([task]))
         raise

@@ -1831,6 +1831,8 @@ def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
 
 def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
     proc, _, raw, _ = raw_kernel
+    while raw.recv(raw.iopub)["msg_type"] != "iopub_welcome":  # subscribed: nothing is missed
+        pass
     raw.shell.send_multipart(raw.frames("frobnicate", {}))
     raw.request("execute_request", {"code": "import os; os.write(2, b'user fd 2\\n')"})
     assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
@@ -2023,7 +2025,8 @@ def test_an_interrupt_during_await_cancels_the_task_and_the_next_cell_runs(fresh
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     printed = []
-    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle":
+    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle" \
+            or msg["parent_header"]["msg_id"] != msg_id:  # (not the interrupt_request's idle)
         printed.append(msg["content"].get("text", ""))
     assert "cancelled, cleaned up\n" in printed
     reply, outputs = run(kc, "await asyncio.sleep(0, 'the next cell')")
