@@ -95,6 +95,7 @@ kernel = {
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
     "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
+    "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
@@ -526,7 +527,27 @@ def input_request(prompt: str = "", password: bool = False) -> str:
 
 def user_input(prompt: object = "") -> str:
     "builtins.input, for user code: the line comes from a frontend."
-    return input_request(str(prompt))
+    try:
+        return input_request(str(prompt))
+    except KeyboardInterrupt:
+        if at_pdb_prompt():
+            raise LeaveDebugger from None
+        raise
+
+
+class LeaveDebugger(BaseException):
+    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
+
+
+def at_pdb_prompt() -> bool:
+    "Whether pdb's command loop is what waits for this line."
+    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
+    frame = sys._getframe()
+    while pdb and frame:
+        if frame.f_code is pdb.Pdb._cmdloop.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
@@ -609,9 +630,12 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         source, quiet = transform(code)
         tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
+        codes = [compile(tree, name, "exec", flags)]
+        if last is not None:
+            codes.append(compile(ast.Expression(last.value), name, "eval", flags))
         try:
-            exec(compile(tree, name, "exec"), user.__dict__)
-            value = last and eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
+            value = run_code(codes)
             if value is None or silent or quiet:
                 return None, None
             user._ = value
@@ -625,11 +649,49 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
+        if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
+            e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
         error = error_content(e)
         publish("error", error, kernel["parent"]["header"])
         return error, None
     finally:
         kernel["running"] = False
+
+
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compiled to a coroutine
+
+
+def run_code(codes: list):
+    "Run a cell's statements, then its last expression, in the user's namespace: its value."
+    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: all of the cell
+        return run_on_loop(run_async(codes))  # runs on the event loop
+    for code in codes:
+        value = eval(code, user.__dict__)
+    return value
+
+
+async def run_async(codes: list):
+    "Run a cell's parts as one coroutine, awaiting those that eval() made coroutines of."
+    for code in codes:
+        value = eval(code, user.__dict__)
+        if code.co_flags & CO_COROUTINE:
+            value = await value
+    return value
+
+
+def run_on_loop(coroutine):
+    "Run a cell's coroutine as a task on the kernel's event loop, which lives from cell to cell."
+    import asyncio  # imported by the first cell that awaits: most kernels never need it
+    loop = kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    try:
+        loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
+    except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
+        task.cancel()  # finally blocks
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.wait([task]))
+        raise
+    return task.result()  # its error is raised here, with the cell's frames and not asyncio's
 
 
 CELL_FRAME = re.compile(r'File "<(Cell In\[\d+\])>", line')  # shown as: Cell In[3], line 2
@@ -816,7 +878,8 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help.")
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
 DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
@@ -898,19 +961,41 @@ def cursor(c: dict) -> int:
     return pos
 
 
+IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
+
+
 def complete_request(msg: dict) -> dict:
     "Tab: the names, attributes and keywords that could finish the word before the cursor."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
     base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
-        names = dir(resolve(base)) if dot else [*user.__dict__, *dir(builtins), *keyword.kwlist]
+        if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
+            names = module_names(base)
+        elif dot:
+            names = dir(resolve(base))
+        else:
+            names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
     except Exception:  # nothing by that name: nothing to offer
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
     return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
             "cursor_end": pos, "metadata": {}}
+
+
+def module_names(package: str) -> list:
+    "The modules `import package.` could name (top-level ones if package is ''), none imported."
+    import importlib.machinery
+    import pkgutil
+    path = None  # sys.path
+    for name in filter(None, package.split(".")):  # find each package's folder, as import would
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        path = spec.submodule_search_locations
+    names = [module.name for module in pkgutil.iter_modules(path)]
+    return names if path is not None else [*names, *sys.builtin_module_names]
 
 
 def inspect_request(msg: dict) -> dict:
@@ -945,14 +1030,17 @@ def describe(obj, name: str, detail: int) -> str:
 
 def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
+    import ast
     import codeop
     import warnings
     code = msg["content"]["code"]
     source, _ = transform(code)
+    compile_command = codeop.CommandCompiler()
+    compile_command.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # as run_cell compiles
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
-            compiled = codeop.compile_command(source, "<cell>", "exec")
+            compiled = compile_command(source, "<cell>", "exec")
     except (SyntaxError, ValueError, OverflowError):
         return {"status": "invalid"}
     last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
@@ -1173,7 +1261,7 @@ def watch_parent(parent: int):
     leave("the parent process died")
 
 
-################ Magics: the seed's %connect_info, %console, %debug, and obj?
+################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
 
 def magic(name: str, arg: str):
     "Run %name with its argument string."
@@ -1236,6 +1324,33 @@ def pinfo(arg: str, detail: int = 0):
     kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
 
 
+def system(cmd: str):
+    "!cmd (or %system cmd): run the line in a shell; its output streams into the cell as it comes."
+    import subprocess
+    # Its output goes to fds 1 and 2, the pipes the kernel forwards (see Output below Python).
+    # It has no keyboard, so no stdin; and its own process group, so an interrupt reaches every
+    # process of a pipeline, as Ctrl-C in a terminal does.
+    child = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # SIGINT to the group; SIGKILL if that did not end it in 0.5 s
+        kill_group(child.pid, signal.SIGINT)
+        try:
+            child.wait(0.5)
+        except subprocess.TimeoutExpired:
+            kill_group(child.pid, signal.SIGKILL)
+        raise
+    if status:
+        sys.stderr.flush()  # what the command wrote comes first
+        print(f"!{cmd}: exit status {status}", file=sys.stderr)
+
+
+def kill_group(pgid: int, signum: int):
+    "Send a signal to a process group, if it is still there."
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
 def ask_exit(keep_kernel: bool = False):
     "exit() and quit(): ask the frontend to close, and to stop the kernel unless keep_kernel."
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
@@ -1249,7 +1364,8 @@ def matplotlib_magic(arg: str):
 
 
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1), "matplotlib": matplotlib_magic}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system,
+          "matplotlib": matplotlib_magic}
 
 
 ################ Optional integrations: comm, IPython.display and matplotlib, when imported
@@ -1397,10 +1513,14 @@ def in_forked_child():
     "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
     # Only the forking thread lives on in a child: a lock that another thread held at the fork
     # stays held for good, and the kernel's sockets are not the child's to use.
+    # Nor are its signal handlers: SIGTERM (Pool.terminate) must end the child, not "shut it down".
     global iopub_lock
     iopub_lock = threading.RLock()
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def forward_fds():
