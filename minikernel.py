@@ -76,6 +76,8 @@ __version__ = "0.1.0"
 USER = os.environ.get("USER", "username")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CELLS_KEPT = 1000  # a long session keeps the history and source lines of its last 1,000 cells
+
 # What the threads share. main() fills in the sockets and session; the shell handlers keep
 # the rest up to date as requests come and go.
 kernel = {
@@ -84,12 +86,15 @@ kernel = {
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
+    "cell": {},  # header of the execute_request running, or run last: what output belongs to
+    "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
-    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
-    "sending": False,  # the main thread is between the frames of a message: no raising now
+    "starting": False,  # the main thread took a shell request and has not yet run its code
+    "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
@@ -198,7 +203,9 @@ def write_connection_file(path: str, conn: dict):
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
@@ -206,7 +213,7 @@ def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
@@ -247,14 +254,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -263,10 +270,18 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
-    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
-        raise ValueError("header values must be plain strings or numbers")
+    if nested_deeper(msg["header"], HEADER_DEPTH):  # echoed back: it must serialize again
+        raise ValueError(f"header nested more than {HEADER_DEPTH} deep")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
+
+def nested_deeper(value, levels: int) -> bool:
+    "Do lists and objects nest more than `levels` deep in this JSON value?"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and (levels == 0 or any(nested_deeper(v, levels - 1)
+                                                           for v in value))
 
 
 ################ Heartbeat: proof of life
@@ -291,6 +306,12 @@ def heartbeat(hb: zmq.Socket):
 # owner is a lock: whoever holds iopub_lock may touch the iopub socket and the output buffer.
 # A ticker thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish
 # buffered output, so a long-running cell's prints arrive while it runs.
+#
+# A signal handler or a finalizer (__del__) runs in whatever thread it interrupts, maybe one
+# that holds the lock and is halfway through a message. A plain Lock would deadlock it there;
+# iopub_lock is re-entrant, so it gets in, and the one rule that keeps the frames whole is that
+# a send never starts inside another. While a send is under way, a nested write only adds to
+# the buffer, and a nested message joins the queue that the send under way empties.
 
 FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
@@ -299,31 +320,53 @@ FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream 
 # thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
 PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
-iopub_lock = threading.RLock()  # re-entrant: a __str__ that prints must not deadlock a flush
-output = {"runs": [], "size": 0, "sent": 0}  # runs: [[name, [text, ...]], ...] in write order
+iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
+output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
+          "queue": deque(), "sending": False}  # messages to send, and a send is under way
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
                **extra):
     "Broadcast: [topic, <IDS|MSG>, signature, header, parent, metadata, content, buffers...]."
-    iopub, session = kernel["sockets"]["iopub"], kernel["session"]
-    if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-        msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
-        trace("->", "iopub", msg)
-        topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
-        send_whole(iopub, to_frames(session, msg, [topic.encode()]))
+    session = kernel["session"]
+    msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
+    trace("->", "iopub", msg)
+    topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
+    output["queue"].append(to_frames(session, msg, [topic.encode()]))
+    if not output["sending"]:  # else the send under way in this thread sends it after its own
+        with sending():
+            pass  # the queue goes out as the send ends
+
+
+@contextlib.contextmanager
+def sending():
+    "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
+    output["sending"] = True
+    try:
+        with uninterrupted():
+            yield
+            iopub, queue = kernel["sockets"]["iopub"], output["queue"]
+            while queue:
+                frames = queue.popleft()
+                if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+                    iopub.send_multipart(frames)
+    finally:
+        output["sending"] = False
 
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    if output["sending"]:  # nested in a send (see iopub_lock): the text waits in the buffer
+        return
     read_fds()  # what C code or a subprocess wrote before now goes out now too
-    runs, output["runs"], output["size"] = output["runs"], [], 0
-    for name, texts in runs:
-        text = "".join(texts)
-        output["sent"] += len(text)
-        for i in range(0, len(text), PIECE_SIZE):
-            piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
-            send_iopub("stream", piece, kernel["parent"]["header"])
+    with sending():
+        runs, output["runs"], output["size"] = output["runs"], [], 0
+        for name, texts in runs:
+            text = "".join(texts)
+            output["sent"] += len(text)
+            for i in range(0, len(text), PIECE_SIZE):
+                piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
+                send_iopub("stream", piece, kernel["cell"])
 
 
 def give_back_memory():
@@ -384,6 +427,8 @@ class Stream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if kernel["silent"]:  # silent code broadcasts nothing
+            return len(text)
         with iopub_lock:
             buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
@@ -429,21 +474,32 @@ def mimebundle(obj) -> tuple[dict, dict]:
             value = getattr(obj, method)()
         except Exception:  # no such repr, or a broken one: text/plain still stands
             continue
-        if isinstance(value, tuple):  # (data, metadata)
-            value, metadata[mime] = value
-        if isinstance(value, bytes):  # images travel as base64 text inside JSON
-            import base64
-            value = base64.b64encode(value).decode()
-        if value is not None:
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            value, metadata[mime] = value  # (data, metadata)
+        if (value := fit(mime, value)) is not None:
             data[mime] = value
+        else:
+            metadata.pop(mime, None)
     try:
         bundle = obj._repr_mimebundle_(include=None, exclude=None)
     except Exception:
         return data, metadata
-    bundle, extra = bundle if isinstance(bundle, tuple) else (bundle, {})
-    data.update(bundle or {})
-    metadata.update(extra or {})
+    bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
+    if isinstance(bundle, dict) and isinstance(extra, dict):
+        data.update(bundle)
+        metadata.update(extra)
     return data, metadata
+
+
+def fit(mime: str, value):
+    "A rich repr's value as JSON carries it, or None if it has the wrong type for its mimetype."
+    # An object that answers every attribute (a mock, an RPC proxy) returns objects, not reprs.
+    if mime == "application/json":
+        return value if isinstance(value, (dict, list)) else None
+    if mime in ("image/png", "image/jpeg") and isinstance(value, bytes):
+        import base64  # images travel as base64 text inside JSON
+        return base64.b64encode(value).decode()
+    return value if isinstance(value, str) else None  # text, or an image already in base64
 
 
 def display(*objs, display_id=None, update: bool = False, raw: bool = False,
@@ -451,14 +507,17 @@ def display(*objs, display_id=None, update: bool = False, raw: bool = False,
     """Show objects below the cell (raw: they are mimebundles already). With display_id (True
     makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
     display_id = uuid.uuid4().hex if display_id is True else display_id
+    if update and not display_id:
+        raise ValueError("display(..., update=True) needs the display_id of the display to update")
     transient = {"display_id": display_id} if display_id else {}
     for obj in objs:
         data, md = (obj, {}) if raw else mimebundle(obj)
         if include:  # IPython's display_html() and the like: that mimetype only
             data = {mime: value for mime, value in data.items() if mime in include}
-        publish("update_display_data" if update else "display_data",
-                {"data": data, "metadata": {**md, **(metadata or {})}, "transient": transient},
-                kernel["parent"]["header"])
+        if not kernel["silent"]:  # silent code broadcasts nothing
+            publish("update_display_data" if update else "display_data",
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
     return DisplayHandle(display_id) if display_id else None
 
 
@@ -482,7 +541,8 @@ class DisplayHandle:
 
 def clear_output(wait: bool = False):
     "Clear this cell's output now, or (wait=True) just before the next output arrives."
-    publish("clear_output", {"wait": wait}, kernel["parent"]["header"])
+    if not kernel["silent"]:
+        publish("clear_output", {"wait": wait}, kernel["cell"])
 
 
 ################ stdin: input() answered by a frontend
@@ -507,7 +567,8 @@ def input_request(prompt: str = "", password: bool = False) -> str:
                   parent["header"])
     trace("->", "stdin", msg)
     try:
-        send_whole(stdin, to_frames(session, msg, parent["ids"]))
+        with uninterrupted():
+            stdin.send_multipart(to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
         raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
     while True:
@@ -517,8 +578,11 @@ def input_request(prompt: str = "", password: bool = False) -> str:
             log(f"stdin: dropped a message: {e}")
             continue
         trace("<-", "stdin", reply)
-        if reply["header"]["msg_type"] == "input_reply":
-            break
+        if reply["header"]["msg_type"] != "input_reply":
+            continue
+        if reply["parent_header"].get("msg_id", msg["header"]["msg_id"]) == msg["header"]["msg_id"]:
+            break  # ours, or one without a parent (jupyter_client sends none): take it
+        log("stdin: dropped a stale input_reply, to an earlier input_request")
     value = reply["content"].get("value", "")
     if value == "\x04":  # Ctrl-D at the frontend's prompt
         raise EOFError("EOF from the frontend")
@@ -624,7 +688,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import linecache
 
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
-    kernel["running"] = True
+    kernel["running"], kernel["starting"] = True, False
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
         source, quiet = transform(code)
@@ -651,8 +715,11 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
             raise
         if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
             e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
+        if not isinstance(e, UsageError):  # %debug debugs the user's code, not a magic's misuse
+            remember_for_debug(e)
         error = error_content(e)
-        publish("error", error, kernel["parent"]["header"])
+        if not silent:
+            publish("error", error, kernel["parent"]["header"])
         return error, None
     finally:
         kernel["running"] = False
@@ -701,19 +768,27 @@ class UsageError(Exception):
     "A magic was misused: shown as one line, without a traceback."
 
 
-def error_content(e: BaseException) -> dict:
-    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+def remember_for_debug(e: BaseException):
+    "Keep an exception of the user's code for %debug, as the Python prompt does (sys.last_*)."
     tb = e.__traceback__
     while tb and tb.tb_frame.f_code.co_filename == __file__:  # start %debug in the user's code
         tb = tb.tb_next
     sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb or e.__traceback__
+
+
+def error_content(e: BaseException) -> dict:
+    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+    try:
+        evalue = str(e)
+    except Exception:  # its __str__ raised; the traceback module says the same
+        evalue = "<exception str() failed>"
     if isinstance(e, UsageError):
-        return {"ename": "UsageError", "evalue": str(e), "traceback": [f"UsageError: {e}"]}
+        return {"ename": "UsageError", "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
     import traceback  # imported on first use: only errors need it
 
     te = traceback.TracebackException(type(e), e, e.__traceback__)
     hide_kernel_frames(te)
-    return {"ename": type(e).__name__, "evalue": str(e),
+    return {"ename": type(e).__name__, "evalue": evalue,
             "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
 
 
@@ -886,24 +961,40 @@ DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 def execute_request(msg: dict) -> dict:
     "Run a cell: execute_input, then its outputs on iopub, then this reply."
     c = msg["content"]
-    code, silent = c["code"], c.get("silent", False)
+    code, silent = c.get("code"), bool(c.get("silent", False))
+    expressions = c.get("user_expressions") or {}
+    if not isinstance(code, str) or not isinstance(expressions, dict):  # nothing runs
+        kernel["starting"] = False
+        return execute_reply("error", ename="TypeError", traceback=[], evalue=(
+            "execute_request needs code as a string and user_expressions as an object"))
     store = c.get("store_history", True) and not silent
     n = kernel["execution_count"]
     if not silent:
+        kernel["cell"] = msg["header"]
         publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
-    kernel["payload"] = []
-    error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source with no file
+    kernel["payload"], kernel["silent"] = [], silent
+    try:
+        error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
+    finally:
+        kernel["silent"] = False
     if store:
-        kernel["history"].append((n, code, result))
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
         kernel["execution_count"] += 1
-    count = kernel["execution_count"] - 1  # this cell's N, or the last stored one's when silent
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
         if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
             kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
-        return {"status": "error", "execution_count": count, **error}
-    expressions = {k: user_expression(v) for k, v in c.get("user_expressions", {}).items()}
-    return {"status": "ok", "execution_count": count, "payload": kernel["payload"],
-            "user_expressions": expressions}
+        return execute_reply("error", kernel["payload"], **error)
+    return execute_reply("ok", kernel["payload"],
+                         {k: user_expression(v) for k, v in expressions.items()})
+
+
+def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
+                  **error) -> dict:
+    "An execute_reply with every field, whatever the status (the count: this cell's, or the last)."
+    return {"status": status, "execution_count": kernel["execution_count"] - 1,
+            "payload": list(payload), "user_expressions": expressions or {}, **error}
 
 
 def user_expression(expr: str) -> dict:
@@ -911,7 +1002,7 @@ def user_expression(expr: str) -> dict:
     try:
         data, metadata = mimebundle(eval(expr, user.__dict__))
         return {"status": "ok", "data": data, "metadata": metadata}
-    except Exception as e:
+    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
         return {"status": "error", **error_content(e)}
 
 
@@ -925,7 +1016,7 @@ def drain(sock: zmq.Socket) -> list:
 
 def aborted_execute(msg: dict) -> dict:
     "An execute_request queued behind a failed cell is not run (stop_on_error)."
-    return {"status": "aborted", "execution_count": kernel["execution_count"] - 1}
+    return execute_reply("aborted")
 
 
 def kernel_info_request(msg: dict) -> dict:
@@ -973,10 +1064,10 @@ def complete_request(msg: dict) -> dict:
         if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
             names = module_names(base)
         elif dot:
-            names = dir(resolve(base))
+            names = interruptible(dir, resolve(base))
         else:
             names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
-    except Exception:  # nothing by that name: nothing to offer
+    except (Exception, KeyboardInterrupt):  # nothing by that name, or interrupted: nothing
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
@@ -1005,10 +1096,21 @@ def inspect_request(msg: dict) -> dict:
     if not name.strip("."):  # "print(|": help on the function being called
         name = word_before(code[:pos].rstrip().removesuffix("("))
     try:
-        text = describe(resolve(name.strip(".")), name, msg["content"].get("detail_level", 0))
-    except Exception:
+        text = interruptible(describe, resolve(name.strip(".")), name,
+                             msg["content"].get("detail_level", 0))
+    except (Exception, KeyboardInterrupt):
         return {"status": "ok", "found": False, "data": {}, "metadata": {}}
     return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+
+def interruptible(function, *args):
+    "Call a function that runs user code (a __dir__, a __repr__): an interrupt stops it."
+    kernel["running"] = True
+    try:
+        interrupt_now()  # one that came while this request was on its way
+        return function(*args)
+    finally:
+        kernel["running"] = False
 
 
 def describe(obj, name: str, detail: int) -> str:
@@ -1041,21 +1143,29 @@ def is_complete_request(msg: dict) -> dict:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
             compiled = compile_command(source, "<cell>", "exec")
-    except (SyntaxError, ValueError, OverflowError):
-        return {"status": "invalid"}
+            statements = ast.parse(source).body if compiled else []
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
+        return {"status": "invalid"}  # the last two: too long or deep for the parser
     last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if source.split("\n")[-1][:1] in (" ", "\t") and last.strip():  # in a block: a blank line
-        return {"status": "incomplete", "indent": indent}  # ends it
+    in_block = source.split("\n")[-1][:1] in (" ", "\t") and last.strip()
+    if in_block and statements and has_body(statements[-1]):
+        # inside an indented block (not just a line continued in brackets): a blank line ends it
+        return {"status": "incomplete", "indent": indent}
     return {"status": "complete"}
+
+
+def has_body(statement) -> bool:
+    "Is this a compound statement (if, for, def, with, ...), one that a blank line ends?"
+    return any(hasattr(statement, field) for field in ("body", "cases"))  # cases: match
 
 
 def history_request(msg: dict) -> dict:
     "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
     import fnmatch
-    c, rows = msg["content"], kernel["history"]
+    c, rows = msg["content"], list(kernel["history"])
     kind = c.get("hist_access_type")
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows
@@ -1076,6 +1186,12 @@ def history_request(msg: dict) -> dict:
     return {"status": "ok", "history": entries}
 
 
+def connect_request(msg: dict) -> dict:
+    "Where the kernel listens (deprecated in the spec, still answered): its five ports."
+    return {"status": "ok", **{f"{name}_port": kernel["connection"][f"{name}_port"]
+                               for name in CHANNELS}}
+
+
 SHELL_HANDLERS = {
     "execute_request": execute_request,
     "kernel_info_request": kernel_info_request,
@@ -1084,6 +1200,7 @@ SHELL_HANDLERS = {
     "is_complete_request": is_complete_request,
     "history_request": history_request,
     "comm_info_request": comm_info_request,
+    "connect_request": connect_request,
     "comm_open": comm_open,
     "comm_msg": comm_msg,
     "comm_close": comm_close,
@@ -1103,16 +1220,23 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
+        with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
+            flush_output()
         reply = new_msg(session, reply_type, content, header)
         trace("->", channel, reply)
         return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
+        if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
+            kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
     status("busy", header)
     reply = None
     try:
-        if msg_type not in handlers:
+        if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
+            reply = answer({"status": "error", "ename": "NotImplementedError", "traceback": [],
+                            "evalue": f"{msg_type} is not supported by minikernel on {channel}"})
+        elif msg_type not in handlers:
             log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
         elif (content := handlers[msg_type](msg)) is not None and reply_type:
             reply = answer(content)  # serialized here: a reply that cannot be is an error too
@@ -1136,8 +1260,9 @@ def serve_shell(shell: zmq.Socket):
         if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
             signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
-        kernel["interrupted"] = False  # one that came while idle is forgotten
+        kernel["starting"] = True  # an interrupt from now on is for this request (on_sigint)
         dispatch("shell", shell, frames, SHELL_HANDLERS)
+        kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
@@ -1157,7 +1282,11 @@ def on_sigint(signum, frame):
     sigint_taken.set()
     if kernel["exiting"]:
         raise SystemExit(0)
-    kernel["interrupted"] = True
+    # Not in user code, it is for the request being started, or for one already waiting on
+    # shell (an interrupt_request sent right after its execute_request can overtake it), or
+    # for nothing: it came after its cell ended. The main thread owns shell, so may poll it.
+    kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                             or bool(kernel["sockets"]["shell"].poll(0)))
     if not kernel["sending"]:
         interrupt_now()
 
@@ -1169,13 +1298,17 @@ def interrupt_now():
         raise KeyboardInterrupt
 
 
-def send_whole(sock: zmq.Socket, frames: list):
-    "Send a message; in the main thread, an interrupt waits until its last frame is out."
-    if threading.current_thread() is not threading.main_thread():  # signals reach main only
-        return sock.send_multipart(frames)
-    kernel["sending"] = True  # raised between two frames, it would leave half a message
+@contextlib.contextmanager
+def uninterrupted():
+    "In the main thread, an interrupt that comes inside waits until the end."
+    # Raised between two frames, it would leave half a message; raised while output taken
+    # from the buffer is being sent, it would drop the rest of it.
+    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
+        yield  # signals reach the main thread only; or we are inside already
+        return
+    kernel["sending"] = True
     try:
-        sock.send_multipart(frames)
+        yield
     finally:
         kernel["sending"] = False
     interrupt_now()
@@ -1193,9 +1326,8 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
             return sock.recv_multipart()
 
 
-def leave(reason: str):
+def leave():
     "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
-    log(f"shutting down: {reason}")
     kernel["exiting"] = True
     force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -1251,14 +1383,15 @@ def serve_control(control: zmq.Socket):
         control.close()
         return
     control.close()  # its linger still delivers the shutdown_reply
-    leave("shutdown_request")
+    leave()
 
 
 def watch_parent(parent: int):
     "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
     while os.getppid() == parent:
         time.sleep(1)
-    leave("the parent process died")
+    log("the process that started this kernel died: shutting down")  # not a routine exit
+    leave()
 
 
 ################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
@@ -1560,6 +1693,8 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 """
 
 
+TRAITLETS_OPTION = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # --Class.trait=value
+
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
 OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
@@ -1575,7 +1710,11 @@ def parse_args(argv: list) -> tuple[str, dict]:
         if arg in ("-h", "--help"):
             print(HELP, end="")
             sys.exit(0)
-        if name not in opts:
+        if command == "serve" and eq and TRAITLETS_OPTION.fullmatch(name):
+            # jupyter_client takes a kernelspec named python3 for ipykernel, and nbclient then
+            # adds IPython's options, such as --HistoryManager.hist_file=:memory:
+            log(f"ignoring {arg}: an option for IPython, not minikernel")
+        elif name not in opts:
             usage_error(f"unknown argument {arg!r}")
         elif isinstance(opts[name], bool):
             opts[name] = True
@@ -1672,7 +1811,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)  # every signal also writes a byte here: see recv_interruptibly
     signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: leave())
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
                (iopub_ticker, sockets["iopub"]), (forward_fds,)]
