@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import deque
 
@@ -31,6 +32,13 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from jupyter_client.session import Session
 from nbclient import NotebookClient
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver import ActionChains
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 from traitlets.config import Config
 
 import miniconsole
@@ -2222,6 +2230,298 @@ CONSOLE = os.path.join(HERE, "miniconsole.py")
 KERNELS = ["ipykernel", "minikernel"]
 PROMPT = r"In \[(\d+)\]: "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+################ JupyterLab in headless Chromium: what a user sees, in a real browser
+
+# One JupyterLab server and one headless Chromium serve this section. Each test writes a notebook,
+# opens it in Lab, runs its cells with Shift+Enter or the toolbar, and checks the rendered page,
+# not the messages. Every check saves a screenshot in a folder the test prints (pytest -s shows
+# it). Chromium and chromedriver are the OS's (apt-get install chromium chromium-driver): without
+# them these tests skip, unless MINIKERNEL_REQUIRE_BROWSER=1, as in CI, makes that a failure.
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+PAGE_WAIT = 60  # seconds for anything to appear on the page: Lab is slow on a loaded 2-core box
+
+
+def need_browser():
+    "Skip where there is no browser to drive; fail instead where the browser is required."
+    if CHROMIUM and CHROMEDRIVER:
+        return
+    reason = "no chromium and chromedriver on PATH (apt-get install chromium chromium-driver)"
+    if os.environ.get("MINIKERNEL_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def test_no_browser_skips_in_one_line_or_fails_where_required(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", None)
+    monkeypatch.delenv("MINIKERNEL_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="^no chromium.*chromium-driver\\)$"):
+        need_browser()
+    monkeypatch.setenv("MINIKERNEL_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="^no chromium"):
+        need_browser()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    "A JupyterLab server on loopback, in dirs of its own, with minikernel's kernelspec: its URL."
+    need_browser()
+    root = tmp_path_factory.mktemp("lab")
+    dirs = {name: root / name for name in ("runtime", "data", "config", "settings", "workspaces",
+                                           "ipython", "notebooks")}
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+               JUPYTER_DATA_DIR=str(dirs["data"]), JUPYTER_PATH=str(dirs["data"]),
+               JUPYTER_CONFIG_DIR=str(dirs["config"]), IPYTHONDIR=str(dirs["ipython"]),
+               JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
+               JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]))
+    notification = dirs["settings"] / "@jupyterlab" / "apputils-extension"
+    for path in (dirs["config"], dirs["notebooks"], notification):
+        path.mkdir(parents=True)
+    # Nothing from the network: no news feed, no update check, no PyPI listing of extensions.
+    (dirs["config"] / "jupyter_server_config.json").write_text(json.dumps({"LabApp": {
+        "news_url": None, "extension_manager": "readonly",
+        "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"}}))
+    (notification / "notification.jupyterlab-settings").write_text(  # and no toast asking
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    subprocess.run([sys.executable, KERNEL, "install", "--user"], env=env, check=True,
+                   capture_output=True)
+    port, token = free_port(), uuid.uuid4().hex
+    with open(root / "lab.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+             f"--ServerApp.root_dir={dirs['notebooks']}", "--allow-root"],  # CI runs as root
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + PAGE_WAIT
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
+                time.sleep(0.2)
+        yield {"url": url, "token": token, "notebooks": dirs["notebooks"]}
+    finally:
+        server.terminate()  # it shuts its kernels down
+        try:
+            server.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(lab, tmp_path_factory):
+    "Headless Chromium driven by chromedriver, both given by path: Selenium Manager never runs."
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1200,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=ChromeService(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab-screenshots")
+
+
+class Notebook:
+    "A notebook open in JupyterLab, worked as a user works it."
+
+    def __init__(self, driver, lab: dict, folder, name: str, cells: list):
+        self.driver, self.folder, self.name = driver, folder, name
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
+            "name": "minikernel", "display_name": "Python 3 (minikernel)", "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+        nbformat.write(nb, str(lab["notebooks"] / f"{name}.ipynb"))
+        # ?reset opens this notebook alone, in a fresh workspace.
+        driver.get(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={lab['token']}")
+        self.wait(lambda d: len(self.cells()) == len(cells) and all(
+            e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, ".jp-Cell .cm-content")),
+                  f"the {len(cells)} cells")
+        self.wait_idle()
+
+    def wait(self, condition, what: str):
+        "Wait for condition(driver) to be truthy: its value; else fail naming what never came."
+        try:
+            return WebDriverWait(self.driver, PAGE_WAIT).until(condition)
+        except TimeoutException:
+            path = self.shot("timeout")
+            pytest.fail(f"never saw {what} within {PAGE_WAIT} s; the page: {path}")
+
+    def cells(self) -> list:
+        return self.driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell")
+
+    def css(self, i: int, selector: str, what: str):
+        "The first element matching selector in cell i, once it is there."
+        return self.wait(lambda d: self.cells()[i].find_elements(By.CSS_SELECTOR, selector),
+                         f"{what} in cell {i}")[0]
+
+    def prompt(self, i: int) -> str:
+        return self.cells()[i].find_element(By.CSS_SELECTOR, ".jp-InputPrompt").text
+
+    def wait_idle(self):
+        "Wait for the status bar to say what the kernel is doing: nothing."
+        self.wait(lambda d: d.find_element(By.CSS_SELECTOR, "[title^='Change kernel for']").text
+                  == "Python 3 (minikernel) | Idle", "the kernel idle")
+
+    def run(self, i: int, wait=True):
+        "Click into cell i and press Shift+Enter; wait for its prompt to show a number."
+        before = self.prompt(i)
+        self.cells()[i].find_element(By.CSS_SELECTOR, ".cm-content").click()
+        ActionChains(self.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(
+            Keys.SHIFT).perform()
+        if wait:
+            self.wait(lambda d: re.fullmatch(r"\[\d+\]:", self.prompt(i)) and self.prompt(i)
+                      != before, f"cell {i} finish")
+
+    def output(self, i: int, contains: str = "") -> str:
+        "The text of cell i's output, once it contains the given text."
+        return self.wait(lambda d: contains in (text := self.cells()[i].find_element(
+            By.CSS_SELECTOR, ".jp-Cell-outputArea").text) and text, f"{contains!r} in cell {i}")
+
+    def toolbar(self, command: str):
+        "Click the notebook toolbar's button for a Lab command."
+        self.driver.find_element(
+            By.CSS_SELECTOR, f".jp-NotebookPanel-toolbar [data-command='{command}']").click()
+
+    def shot(self, check: str) -> str:
+        "Save what the page shows now; print where."
+        path = str(self.folder / f"{self.name}-{check}.png")
+        self.driver.save_screenshot(path)
+        print(f"screenshot: {path}")
+        return path
+
+
+@pytest.fixture()
+def notebook(lab, browser, screenshots, request):
+    "Open a notebook of the given cells, named after the test."
+    return lambda *cells: Notebook(browser, lab, screenshots, request.node.name, list(cells))
+
+
+def test_lab_runs_a_cell_and_shows_its_output(notebook):
+    nb = notebook("print('hello from', 6 * 7)\n'done'")
+    nb.run(0)
+    assert "hello from 42" in nb.output(0, "hello from 42")
+    assert nb.prompt(0) == "[1]:"
+    nb.css(0, ".jp-OutputArea-executeResult", "the Out of the cell")
+    nb.shot("output")
+
+
+def test_lab_input_shows_a_box_and_takes_the_answer(notebook):
+    nb = notebook("name = input('Your name? ')\nprint('Hello,', name)")
+    nb.run(0, wait=False)
+    box = nb.css(0, ".jp-Stdin-input", "an input box")
+    assert "Your name?" in nb.output(0, "Your name?")
+    nb.shot("input-box")
+    box.send_keys("Ada", Keys.ENTER)
+    assert "Hello, Ada" in nb.output(0, "Hello, Ada")
+    nb.shot("answered")
+
+
+def test_lab_interrupt_from_the_toolbar_stops_a_sleep(notebook):
+    nb = notebook("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    nb.run(0, wait=False)
+    nb.output(0, "sleeping")
+    assert nb.prompt(0) == "[*]:"
+    nb.toolbar("notebook:interrupt-kernel")
+    assert "KeyboardInterrupt" in nb.output(0, "KeyboardInterrupt")
+    nb.wait_idle()
+    nb.shot("interrupted")
+
+
+def test_lab_restart_from_the_toolbar_gives_a_new_kernel(notebook):
+    nb = notebook("import os\nx = 1\nprint('pid', os.getpid())",
+                  "import os\nprint('pid', os.getpid())\nx")
+    nb.run(0)
+    first = nb.output(0, "pid")
+    nb.toolbar("notebook:restart-kernel")
+    nb.wait(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"),
+            "the restart dialog")[0].click()
+    nb.wait_idle()
+    nb.run(1)
+    assert "NameError" in nb.output(1, "NameError")
+    assert nb.prompt(1) == "[1]:"  # a new kernel counts from 1
+    assert first.split()[1] != nb.output(1).split()[1]  # in a new process
+    nb.shot("restarted")
+
+
+def test_lab_shows_a_matplotlib_figure(notebook):
+    nb = notebook("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+    nb.run(0)
+    image = nb.css(0, ".jp-RenderedImage img", "a figure")
+    assert nb.wait(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 100,
+                   "the figure drawn")
+    assert len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")) == 1
+    nb.shot("figure")
+
+
+def test_lab_renders_ipython_display_html_as_html(notebook):
+    nb = notebook("from IPython.display import HTML, display\n"
+                  "display(HTML('<table><tr><td>rendered</td><td><b>as HTML</b></td></tr>"
+                  "</table>'))")
+    nb.run(0)
+    bold = nb.css(0, ".jp-RenderedHTMLCommon table td b", "a table element")
+    assert bold.text == "as HTML"
+    assert "<" not in nb.output(0, "rendered")  # elements, not their escaped source
+    nb.shot("html")
+
+
+def drag(nb: Notebook, handle, pixels: int):
+    "Drag a slider's handle sideways, as a mouse does."
+    ActionChains(nb.driver).click_and_hold(handle).move_by_offset(pixels, 0).release().perform()
+
+
+def test_lab_slider_dragged_and_set_from_a_cell(notebook):
+    nb = notebook("import ipywidgets as widgets\nseen = []\n"
+                  "slider = widgets.IntSlider(value=20, description='n')\n"
+                  "slider.observe(lambda change: seen.append(change['new']), 'value')\nslider",
+                  "print('value', slider.value, 'seen', seen)",
+                  "slider.value = 77")
+    nb.run(0)
+    handle = nb.css(0, ".noUi-handle", "the slider's handle")
+    readout = nb.css(0, ".widget-readout", "the slider's readout")
+    assert readout.text == "20"
+    nb.shot("slider")
+    drag(nb, handle, 60)
+    dragged = nb.wait(lambda d: readout.text != "20" and readout.text, "the readout change")
+    nb.run(1)
+    out = nb.output(1, f"value {dragged} ")
+    assert out.endswith(f"{dragged}]"), out  # the observe callback saw the last value
+    nb.shot("dragged")
+    left = handle.location["x"]
+    nb.run(2)
+    nb.wait(lambda d: readout.text == "77", "the readout show 77")
+    assert handle.location["x"] > left  # the handle moved too
+    nb.shot("set-from-a-cell")
+
+
+def test_lab_interact_renders_and_reruns_f(notebook):
+    nb = notebook("import matplotlib.pyplot as plt\nfrom ipywidgets import interact\n\n"
+                  "def f(x):\n    print('f ran with x =', x)\n"
+                  "    plt.plot([i * i for i in range(x + 1)])\n    plt.show()\n\n"
+                  "interact(f, x=(0, 10));")
+    nb.run(0)
+    handle = nb.css(0, ".noUi-handle", "the slider interact made")
+    readout = nb.css(0, ".widget-readout", "its readout")
+    nb.output(0, "f ran with x = 5")
+    nb.css(0, ".widget-output .jp-RenderedImage img", "f's figure")
+    drag(nb, handle, 40)
+    x = nb.wait(lambda d: readout.text != "5" and readout.text, "the readout change")
+    out = nb.output(0, f"f ran with x = {x}")
+    assert out.count("f ran") == 1, out  # f re-ran, into an output cleared first
+    assert len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".widget-output img")) == 1
+    nb.shot("reran")
 
 
 ################ miniconsole: an isolated Jupyter environment, and kernels in it
@@ -5470,6 +5770,8 @@ def test_ci_runs_the_readme_test_command():
         ci = f.read()
     assert "pytest" in run_tests
     assert run_tests in ci.splitlines()
+    assert "apt-get install" in ci and "chromium-driver" in ci  # CI has a browser to drive,
+    assert "MINIKERNEL_REQUIRE_BROWSER=1" in ci  # and cannot pass by skipping the browser tests
 
 
 if __name__ == "__main__":
