@@ -23,6 +23,30 @@ Every request on shell and control is answered on the same socket, and bracketed
 status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
 frontend sees it, each knowing from parent_header which request it belongs to.
 
+One cell, `print("hi"); 1 + 1`, as it travels: what `python minikernel.py --show-messages`
+prints while a frontend F runs it (<- received, -> sent). Every message the kernel sends about
+it carries F's execute_request header as its parent_header; only the reply goes to F alone.
+
+      shell <- execute_request      {"code": "print(\"hi\"); 1 + 1", "silent": false, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "print(\"hi\"); 1 + 1", "execution_count": 1}
+      iopub -> stream               {"name": "stdout", "text": "hi\n"}
+      iopub -> execute_result       {"execution_count": 1, "data": {"text/plain": "2"}, ...}
+      shell -> execute_reply        {"status": "ok", "execution_count": 1, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
+And `name = input("Name? ")`: the kernel asks on stdin, addressed with the routing identity
+that F's execute_request came from on shell (F's shell and stdin DEALERs share it), so only F
+is asked, and F answers with the input_request as parent_header.
+
+      shell <- execute_request      {"code": "name = input(\"Name? \")", "allow_stdin": true, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "name = input(\"Name? \")", "execution_count": 2}
+      stdin -> input_request        {"prompt": "Name? ", "password": false}
+      stdin <- input_reply          {"value": "Ada"}
+      shell -> execute_reply        {"status": "ok", "execution_count": 2, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
 The sections follow a message's life: the connection file, the wire format, the heartbeat,
 iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
 """
@@ -52,6 +76,8 @@ __version__ = "0.1.0"
 USER = os.environ.get("USER", "username")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CELLS_KEPT = 1000  # a long session keeps the history and source lines of its last 1,000 cells
+
 # What the threads share. main() fills in the sockets and session; the shell handlers keep
 # the rest up to date as requests come and go.
 kernel = {
@@ -60,10 +86,11 @@ kernel = {
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
-    "cell": {},  # header of the execute_request running, or run last: what output belongs to
+    "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
+    # or a comm message whose callback runs): what output belongs to
     "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
-    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
@@ -72,14 +99,31 @@ kernel = {
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    "trace": False,  # --show-messages: log every message received and sent
+    "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
+    "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 
 
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
-        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+        print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
+
+
+def trace(arrow: str, channel: str, msg: dict):
+    "--show-messages: a message received (<-) or sent (->), one line, as miniconsole shows it."
+    if not kernel["trace"]:
+        return
+    try:  # ASCII JSON: a lone surrogate or any other text is safe on any terminal
+        content = json.dumps(msg["content"], default=str)
+    except (ValueError, RecursionError):  # a cycle, or nested deeper than we can print
+        content = "<content not printable>"
+    content = content if len(content) <= 80 else content[:77] + "..."
+    buffers = f" +{len(msg['buffers'])} buffers" if msg.get("buffers") else ""
+    log(f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}{buffers}")
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -151,14 +195,17 @@ def write_connection_file(path: str, conn: dict):
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
 HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
@@ -167,7 +214,7 @@ def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
@@ -208,14 +255,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -279,10 +326,12 @@ output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] 
           "queue": deque(), "sending": False}  # messages to send, and a send is under way
 
 
-def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = ""):
-    "Broadcast on iopub: [topic, <IDS|MSG>, signature, header, parent, metadata, content]."
+def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
+               **extra):
+    "Broadcast: [topic, <IDS|MSG>, signature, header, parent, metadata, content, buffers...]."
     session = kernel["session"]
-    msg = new_msg(session, msg_type, content, parent)
+    msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
+    trace("->", "iopub", msg)
     topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
     output["queue"].append(to_frames(session, msg, [topic.encode()]))
     if not output["sending"]:  # else the send under way in this thread sends it after its own
@@ -297,19 +346,25 @@ def sending():
     try:
         with uninterrupted():
             yield
-            iopub, queue = kernel["sockets"]["iopub"], output["queue"]
-            while queue:
-                frames = queue.popleft()
-                if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-                    iopub.send_multipart(frames)
+            send_queued()
     finally:
         output["sending"] = False
+
+
+def send_queued():
+    "Send what the queue holds, oldest first (inside sending())."
+    iopub, queue = kernel["sockets"]["iopub"], output["queue"]
+    while queue:
+        frames = queue.popleft()
+        if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+            iopub.send_multipart(frames)
 
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
     if output["sending"]:  # nested in a send (see iopub_lock): the text waits in the buffer
         return
+    read_fds()  # what C code or a subprocess wrote before now goes out now too
     with sending():
         runs, output["runs"], output["size"] = output["runs"], [], 0
         for name, texts in runs:
@@ -318,6 +373,7 @@ def flush_output():
             for i in range(0, len(text), PIECE_SIZE):
                 piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
                 send_iopub("stream", piece, kernel["cell"])
+                send_queued()  # each piece as it is made: a huge print never holds all its frames
 
 
 def give_back_memory():
@@ -332,11 +388,11 @@ def give_back_memory():
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def publish(msg_type: str, content: dict, parent: Optional[dict] = None):
+def publish(msg_type: str, content: dict, parent: Optional[dict] = None, **extra):
     "Broadcast a message, after any output printed before it, so frontends see them in order."
     with iopub_lock:
         flush_output()
-        send_iopub(msg_type, content, parent)
+        send_iopub(msg_type, content, parent, **extra)
 
 
 def status(state: str, parent: Optional[dict] = None):
@@ -353,8 +409,10 @@ def iopub_ticker(iopub: zmq.Socket):
                 return
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
-                if event[:1] == b"\x01":
+                if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
+                    # Published on that topic, so zmq's prefix matching hands it to everyone
+                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
             flush_output()
 
@@ -364,11 +422,14 @@ class Stream(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        return self.fd  # what is written to it there arrives too: see Output below Python
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -376,15 +437,7 @@ class Stream(io.TextIOBase):
         if kernel["silent"]:  # silent code broadcasts nothing
             return len(text)
         with iopub_lock:
-            runs = output["runs"]
-            if runs and runs[-1][0] == self.name:
-                texts = runs[-1][1]
-                texts.append(text)
-                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
-            else:  # stdout and stderr interleave in the order they were written
-                runs.append([self.name, [text]])
-            output["size"] += len(text)
+            buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
         return len(text)
@@ -394,6 +447,19 @@ class Stream(io.TextIOBase):
             flush_output()
 
 
+def buffer_output(name: str, text: str):
+    "Add text to the output buffer, to be published on the next flush (lock held)."
+    runs = output["runs"]
+    if runs and runs[-1][0] == name:
+        texts = runs[-1][1]
+        texts.append(text)
+        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+    else:  # stdout and stderr interleave in the order they were written
+        runs.append([name, [text]])
+    output["size"] += len(text)
+
+
 ################ Rich output: display_data, execute_result, clear_output
 
 # An object shows itself as a mimebundle, {mimetype: data}: text/plain from repr(), plus
@@ -401,7 +467,8 @@ class Stream(io.TextIOBase):
 
 REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
          "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
-         "_repr_latex_": "text/latex", "_repr_json_": "application/json"}
+         "_repr_latex_": "text/latex", "_repr_json_": "application/json",
+         "_repr_javascript_": "application/javascript"}
 
 
 def mimebundle(obj) -> tuple[dict, dict]:
@@ -442,19 +509,41 @@ def fit(mime: str, value):
     return value if isinstance(value, str) else None  # text, or an image already in base64
 
 
-def display(*objs, display_id=None, update: bool = False) -> Optional[str]:
-    "Show objects below the cell; with display_id, update=True replaces that earlier display."
-    if display_id is True:  # a fresh id, returned so that the caller can update it later
-        display_id = uuid.uuid4().hex
+def display(*objs, display_id=None, update: bool = False, raw: bool = False,
+            metadata: Optional[dict] = None, include: Sequence[str] = ()):
+    """Show objects below the cell (raw: they are mimebundles already). With display_id (True
+    makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
+    display_id = uuid.uuid4().hex if display_id is True else display_id
     if update and not display_id:
         raise ValueError("display(..., update=True) needs the display_id of the display to update")
     transient = {"display_id": display_id} if display_id else {}
     for obj in objs:
-        data, metadata = mimebundle(obj)
+        data, md = (obj, {}) if raw else mimebundle(obj)
+        if include:  # IPython's display_html() and the like: that mimetype only
+            data = {mime: value for mime, value in data.items() if mime in include}
         if not kernel["silent"]:  # silent code broadcasts nothing
             publish("update_display_data" if update else "display_data",
-                    {"data": data, "metadata": metadata, "transient": transient}, kernel["cell"])
-    return display_id
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
+    return DisplayHandle(display_id) if display_id else None
+
+
+def update_display(obj, *, display_id: str, **kwargs):
+    "Replace the display that has this display_id."
+    display(obj, display_id=display_id, update=True, **kwargs)
+
+
+class DisplayHandle:
+    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
+
+    def __init__(self, display_id: str):
+        self.display_id = display_id
+
+    def display(self, obj, **kwargs):
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj, **kwargs):
+        update_display(obj, display_id=self.display_id, **kwargs)
 
 
 def clear_output(wait: bool = False):
@@ -483,6 +572,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
     drain(stdin)  # replies to earlier, interrupted requests are stale now
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
+    trace("->", "stdin", msg)
     try:
         with uninterrupted():
             stdin.send_multipart(to_frames(session, msg, parent["ids"]))
@@ -494,6 +584,7 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
+        trace("<-", "stdin", reply)
         if reply["header"]["msg_type"] != "input_reply":
             continue
         if reply["parent_header"].get("msg_id", msg["header"]["msg_id"]) == msg["header"]["msg_id"]:
@@ -507,7 +598,27 @@ def input_request(prompt: str = "", password: bool = False) -> str:
 
 def user_input(prompt: object = "") -> str:
     "builtins.input, for user code: the line comes from a frontend."
-    return input_request(str(prompt))
+    try:
+        return input_request(str(prompt))
+    except KeyboardInterrupt:
+        if at_pdb_prompt():
+            raise LeaveDebugger from None
+        raise
+
+
+class LeaveDebugger(BaseException):
+    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
+
+
+def at_pdb_prompt() -> bool:
+    "Whether pdb's command loop is what waits for this line."
+    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
+    frame = sys._getframe()
+    while pdb and frame:
+        if frame.f_code is pdb.Pdb._cmdloop.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
@@ -518,29 +629,64 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
-# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
-# __magic__ before compiling, line for line, so tracebacks still point at the right line.
-# A bare `exit` or `quit` means exit(), as in IPython.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
+# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
+# (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
+# point at the right line. Only the tokenizer knows where a statement starts (never inside a
+# string, open brackets or after a backslash), so it reads the cell one line at a time, and each
+# line is rewritten, if it starts a statement, just before the tokenizer reads it.
 
-MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
-HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
-EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
+SPECIAL = [  # a line that starts a statement -> the Python call it means
+    (re.compile(r"(\s*)%(%?\w+)(.*)"), lambda m: f"{m[1]}__magic__({m[2]!r}, {m[3].strip()!r})"),
+    (re.compile(r"(\s*)!(.*)"), lambda m: f"{m[1]}__magic__('system', {m[2].strip()!r})"),
+    (re.compile(r"(\s*)([A-Za-z_][\w.]*)(\?\??)\s*"),  # obj?  obj??
+     lambda m: f"{m[1]}__magic__({'pinfo2' if m[3] == '??' else 'pinfo'!r}, {m[2]!r})"),
+    (re.compile(r"(\s*)(exit|quit)\s*"), lambda m: f"{m[1]}{m[2]}()"),
+]
 
 
-def transform(code: str) -> str:
-    "Rewrite magic and help lines as Python calls, keeping line numbers."
-    def line(text):
-        if m := MAGIC_LINE.match(text):
-            indent, name, arg = m.groups()
-            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
-        if m := HELP_LINE.match(text):
-            indent, name, marks = m.groups()
-            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
-        if m := EXIT_LINE.match(text):
-            return f"{m.group(1)}{m.group(2)}()"
-        return text
-    return "\n".join(map(line, code.split("\n")))
+def rewrite(line: str) -> str:
+    "A line that starts a statement, with IPython's syntax in it made a Python call."
+    body = line.rstrip("\r\n")
+    for pattern, call in SPECIAL:
+        if m := pattern.fullmatch(body):
+            return call(m) + line[len(body) :]
+    return line
+
+
+def dedent(code: str) -> list:
+    "The cell's lines, without the indentation that all of them share (a pasted block)."
+    lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
+                                   for line in lines if line.strip()])
+    return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
+
+
+def transform(code: str) -> tuple[str, bool]:
+    "The cell as Python source, and whether a `;` ends it (hiding its result)."
+    import tokenize
+    lines, read = dedent(code), []
+    starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
+
+    def readline() -> str:
+        if len(read) == len(lines):
+            return ""
+        read.append(rewrite(lines[len(read)]) if starts else lines[len(read)])
+        return read[-1]
+
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # compile() will say what is wrong
+        for tok in tokenize.generate_tokens(readline):
+            if tok.type == tokenize.OP and tok.string in ("(", "[", "{", ")", "]", "}"):
+                depth += 1 if tok.string in ("(", "[", "{") else -1
+            # A line starts a statement when the one before ended one: NEWLINE, or NL outside
+            # brackets (a blank or comment line), on that line (not a string's first line).
+            starts = tok.type in (tokenize.NEWLINE, tokenize.NL) and depth <= 0 \
+                and tok.end[0] == len(read)
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                tokenize.DEDENT, tokenize.ENDMARKER):
+                last = tok.string
+    return "".join(read + lines[len(read) :]), last == ";"
 
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
@@ -552,23 +698,30 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     kernel["running"], kernel["starting"] = True, False
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
-        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
+        source, quiet = transform(code)
+        tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        exec(compile(tree, name, "exec"), user.__dict__)
-        if last is None:
-            return None, None
-        value = eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
-        if value is None or silent:
-            return None, None
-        user._ = value
-        data, metadata = mimebundle(value)
-        publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
-                                   "metadata": metadata}, kernel["parent"]["header"])
-        return None, data["text/plain"]
+        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
+        codes = [compile(tree, name, "exec", flags)]
+        if last is not None:
+            codes.append(compile(ast.Expression(last.value), name, "eval", flags))
+        try:
+            value = run_code(codes)
+            if value is None or silent or quiet:
+                return None, None
+            user._ = value
+            data, metadata = mimebundle(value)
+            publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
+                                       "metadata": metadata}, kernel["parent"]["header"])
+            return None, data["text/plain"]
+        finally:  # what the cell drew, even if it then failed, as ipykernel shows it
+            show_figures()
     except BaseException as e:  # the user's KeyboardInterrupt and SystemExit included
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
+        if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
+            e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
         if not isinstance(e, UsageError):  # %debug debugs the user's code, not a magic's misuse
             remember_for_debug(e)
         error = error_content(e)
@@ -577,6 +730,43 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         return error, None
     finally:
         kernel["running"] = False
+
+
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compiled to a coroutine
+
+
+def run_code(codes: list):
+    "Run a cell's statements, then its last expression, in the user's namespace: its value."
+    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: all of the cell
+        return run_on_loop(run_async(codes))  # runs on the event loop
+    for code in codes:
+        value = eval(code, user.__dict__)
+    return value
+
+
+async def run_async(codes: list):
+    "Run a cell's parts as one coroutine, awaiting those that eval() made coroutines of."
+    for code in codes:
+        value = eval(code, user.__dict__)
+        if code.co_flags & CO_COROUTINE:
+            value = await value
+    return value
+
+
+def run_on_loop(coroutine):
+    "Run a cell's coroutine as a task on the kernel's event loop, which lives from cell to cell."
+    import asyncio  # imported by the first cell that awaits: most kernels never need it
+    loop = kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    try:
+        loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
+    except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
+        task.cancel()  # finally blocks; a second interrupt (interrupt_request may send two)
+        kernel["running"] = False  # waits, so it cannot cut them short; a shutdown still can
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.wait([task]))
+        raise
+    return task.result()  # its error is raised here, with the cell's frames and not asyncio's
 
 
 CELL_FRAME = re.compile(r'File "<(Cell In\[\d+\])>", line')  # shown as: Cell In[3], line 2
@@ -620,6 +810,148 @@ def hide_kernel_frames(te):
             hide_kernel_frames(chained)
 
 
+################ Comms: an object in the kernel and one in a frontend, talking
+
+# A comm pairs an object here with one in a frontend: an ipywidgets slider and its view, say.
+# Either side opens it, naming a target; then both send comm_msg, and either closes it. The
+# kernel's comm messages go out on iopub, so every frontend hears them; a frontend's come in
+# on shell, one at a time between cells. Binary data, an image or an array, travels as
+# buffers: raw frames after the four dicts, outside the signature.
+#   comm_open  {comm_id, target_name, data}   comm_msg {comm_id, data}   comm_close {comm_id, data}
+# This module is the comm package's "comm manager": the `comm` hook (see Optional
+# integrations) hands it to comm users, who call register_target() and create Comms.
+
+comms = {}  # comm_id -> Comm: the open comms, whichever side opened them
+targets = {}  # target_name -> handler(comm, comm_open msg), for comms a frontend opens
+
+
+class Comm:
+    "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
+
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
+
+    def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
+                 metadata: Optional[dict] = None, buffers: Sequence = (),
+                 comm_id: Optional[str] = None, primary: bool = True,
+                 target_module: Optional[str] = None):
+        self.comm_id, self.target_name = comm_id or uuid.uuid4().hex, target_name
+        self.msg_callback = self.close_callback = None
+        self.closed = False
+        comms[self.comm_id] = self
+        if primary:  # opened here, not by a frontend: tell the frontends
+            self.open(data, metadata, buffers, target_module)
+
+    def publish(self, msg_type: str, data, metadata, buffers, **fields):
+        "A comm message on iopub, from the request being handled now; buffers as raw frames."
+        publish(msg_type, {"comm_id": self.comm_id, "data": data or {}, **fields},
+                kernel["parent"]["header"], metadata=metadata or {}, buffers=list(buffers or ()))
+
+    def open(self, data=None, metadata=None, buffers=(), target_module=None):
+        self.publish("comm_open", data, metadata, buffers, target_name=self.target_name,
+                     target_module=target_module)
+
+    def send(self, data=None, metadata=None, buffers=()):
+        self.publish("comm_msg", data, metadata, buffers)
+
+    def close(self, data=None, metadata=None, buffers=()):
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
+            self.closed = True
+            comms.pop(self.comm_id, None)
+            self.publish("comm_close", data, metadata, buffers)
+
+    def on_msg(self, callback):
+        self.msg_callback = callback
+
+    def on_close(self, callback):
+        self.close_callback = callback
+
+    def handle_msg(self, msg: dict):
+        if self.msg_callback:
+            self.msg_callback(msg)
+
+    def handle_close(self, msg: dict):
+        if self.close_callback:
+            self.close_callback(msg)
+
+
+def register_target(target_name: str, handler):
+    "Call handler(comm, msg) when a frontend opens a comm to target_name."
+    targets[target_name] = handler
+
+
+def get_parent() -> dict:
+    "The request being handled, as ipykernel's kernel.get_parent() gives it."
+    return kernel["parent"]
+
+
+def comm_callback(f, *args) -> bool:
+    "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
+    msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
+    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
+    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
+    try:
+        f(*args)
+        return True
+    except (Exception, KeyboardInterrupt) as e:
+        kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
+        show_error(e, f"{msg['header']['msg_type']} callback failed")
+        return False
+    finally:
+        kernel["running"] = False
+
+
+def show_error(e: BaseException, what: str):
+    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    error = error_content(e)
+    log(f"{what}:\n" + "\n".join(error["traceback"]))
+    publish("error", error, kernel["parent"]["header"])
+
+
+def comm_info_request(msg: dict) -> dict:
+    "Which comms are open, and their targets: all, or those of the target_name asked for."
+    wanted = msg["content"].get("target_name")
+    return {"status": "ok", "comms": {comm_id: {"target_name": comm.target_name}
+                                      for comm_id, comm in comms.items()
+                                      if wanted in (None, comm.target_name)}}
+
+
+def comm_open(msg: dict):
+    "A frontend opens a comm: our end goes to its target's handler; no such target, we close it."
+    c = msg["content"]
+    handler = targets.get(c["target_name"])
+    if handler is None:  # closed at once, so that the frontend does not wait
+        log(f"comm_open: no comm target {c['target_name']!r}, comm {c['comm_id']!r} closed")
+        publish("comm_close", {"comm_id": c["comm_id"], "data": {}}, msg["header"])
+        return
+    comm = Comm(c["target_name"], comm_id=c["comm_id"], primary=False)
+    if not comm_callback(handler, comm, msg):
+        comm.close()
+
+
+def comm_msg(msg: dict):
+    "Data for one of our comms: its on_msg callback gets the whole message, buffers included."
+    if comm := known_comm(msg):
+        comm_callback(comm.handle_msg, msg)
+
+
+def comm_close(msg: dict):
+    "A frontend closed a comm: forget it, and tell its on_close callback."
+    if comm := known_comm(msg):
+        comm.closed = True
+        del comms[comm.comm_id]
+        comm_callback(comm.handle_close, msg)
+
+
+def known_comm(msg: dict) -> Optional[Comm]:
+    "The comm a message is for; an unknown comm_id is logged, and the message dropped."
+    comm_id = msg["content"]["comm_id"]
+    if comm_id not in comms:
+        log(f"{msg['header']['msg_type']} for unknown comm_id {comm_id!r}: dropped")
+    return comms.get(comm_id)
+
+
 ################ Shell handlers: one request in, one reply out
 
 # Each handler takes a request and returns its reply's content, built right there; dispatch()
@@ -630,7 +962,9 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug; obj? and obj?? for help.")
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
@@ -653,8 +987,10 @@ def execute_request(msg: dict) -> dict:
     finally:
         kernel["silent"] = False
     if store:
-        kernel["history"].append((n, code, result))
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
         kernel["execution_count"] += 1
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
         if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
             kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
@@ -725,20 +1061,41 @@ def cursor(c: dict) -> int:
     return pos
 
 
+IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
+
+
 def complete_request(msg: dict) -> dict:
     "Tab: the names, attributes and keywords that could finish the word before the cursor."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
     base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
-        names = (interruptible(dir, resolve(base)) if dot
-                 else [*user.__dict__, *dir(builtins), *keyword.kwlist])
+        if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
+            names = module_names(base)
+        elif dot:
+            names = interruptible(dir, resolve(base))
+        else:
+            names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
     except (Exception, KeyboardInterrupt):  # nothing by that name, or interrupted: nothing
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
     return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
             "cursor_end": pos, "metadata": {}}
+
+
+def module_names(package: str) -> list:
+    "The modules `import package.` could name (top-level ones if package is ''), none imported."
+    import importlib.machinery
+    import pkgutil
+    path = None  # sys.path
+    for name in filter(None, package.split(".")):  # find each package's folder, as import would
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        path = spec.submodule_search_locations
+    names = [module.name for module in pkgutil.iter_modules(path)]
+    return names if path is not None else [*names, *sys.builtin_module_names]
 
 
 def inspect_request(msg: dict) -> dict:
@@ -787,19 +1144,23 @@ def is_complete_request(msg: dict) -> dict:
     import ast
     import codeop
     import warnings
-    source = transform(msg["content"]["code"])
+    code = msg["content"]["code"]
+    source, _ = transform(code)
+    compile_command = codeop.CommandCompiler()
+    compile_command.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # as run_cell compiles
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
-            compiled = codeop.compile_command(source, "<cell>", "exec")
+            compiled = compile_command(source, "<cell>", "exec")
             statements = ast.parse(source).body if compiled else []
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
         return {"status": "invalid"}  # the last two: too long or deep for the parser
-    last = source.split("\n")[-1]
+    last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if indent and last.strip() and statements and has_body(statements[-1]):
+    in_block = source.split("\n")[-1][:1] in (" ", "\t") and last.strip()
+    if in_block and statements and has_body(statements[-1]):
         # inside an indented block (not just a line continued in brackets): a blank line ends it
         return {"status": "incomplete", "indent": indent}
     return {"status": "complete"}
@@ -813,7 +1174,7 @@ def has_body(statement) -> bool:
 def history_request(msg: dict) -> dict:
     "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
     import fnmatch
-    c, rows = msg["content"], kernel["history"]
+    c, rows = msg["content"], list(kernel["history"])
     kind = c.get("hist_access_type")
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows
@@ -840,16 +1201,6 @@ def connect_request(msg: dict) -> dict:
                                for name in CHANNELS}}
 
 
-def comm_info_request(msg: dict) -> dict:
-    "Which comms are open: none, since this kernel registers no comm targets."
-    return {"status": "ok", "comms": {}}
-
-
-def comm_open(msg: dict):
-    "A frontend wants a comm to a target we don't have: close it, so it does not wait."
-    publish("comm_close", {"comm_id": msg["content"]["comm_id"], "data": {}}, msg["header"])
-
-
 SHELL_HANDLERS = {
     "execute_request": execute_request,
     "kernel_info_request": kernel_info_request,
@@ -860,8 +1211,8 @@ SHELL_HANDLERS = {
     "comm_info_request": comm_info_request,
     "connect_request": connect_request,
     "comm_open": comm_open,
-    "comm_msg": lambda msg: None,  # no comm is ever open: nothing to deliver it to
-    "comm_close": lambda msg: None,
+    "comm_msg": comm_msg,
+    "comm_close": comm_close,
 }
 
 
@@ -873,13 +1224,16 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
         log(f"{channel}: dropped a message: {e}")
         return
+    trace("<-", channel, msg)
     msg_type, header = msg["header"]["msg_type"], msg["header"]
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
         with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
             flush_output()
-        return to_frames(session, new_msg(session, reply_type, content, header), msg["ids"])
+        reply = new_msg(session, reply_type, content, header)
+        trace("->", channel, reply)
+        return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
@@ -912,6 +1266,8 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
         kernel["starting"] = True  # an interrupt from now on is for this request (on_sigint)
         dispatch("shell", shell, frames, SHELL_HANDLERS)
@@ -980,10 +1336,17 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
 
 
 def leave():
-    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
     kernel["exiting"] = True
-    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
 
 
 def force_exit():
@@ -1016,7 +1379,7 @@ def shutdown_request(msg: dict) -> dict:
 CONTROL_HANDLERS = {
     "shutdown_request": shutdown_request,
     "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
 }
 
 
@@ -1040,7 +1403,7 @@ def watch_parent(parent: int):
     leave()
 
 
-################ Magics: the seed's %connect_info, %console, %debug, and obj?
+################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
 
 def magic(name: str, arg: str):
     "Run %name with its argument string."
@@ -1103,20 +1466,221 @@ def pinfo(arg: str, detail: int = 0):
     kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
 
 
+def system(cmd: str):
+    "!cmd (or %system cmd): run the line in a shell; its output streams into the cell as it comes."
+    import subprocess
+    # Its output goes to fds 1 and 2, the pipes the kernel forwards (see Output below Python).
+    # It has no keyboard, so no stdin; and its own process group, so an interrupt reaches every
+    # process of a pipeline, as Ctrl-C in a terminal does.
+    child = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # SIGINT to the group; SIGKILL if that did not end it in 0.5 s
+        kill_group(child.pid, signal.SIGINT)
+        try:
+            child.wait(0.5)
+        except subprocess.TimeoutExpired:
+            kill_group(child.pid, signal.SIGKILL)
+        raise
+    if status:
+        sys.stderr.flush()  # what the command wrote comes first
+        print(f"!{cmd}: exit status {status}", file=sys.stderr)
+
+
+def kill_group(pgid: int, signum: int):
+    "Send a signal to a process group, if it is still there."
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
 def ask_exit(keep_kernel: bool = False):
     "exit() and quit(): ask the frontend to close, and to stop the kernel unless keep_kernel."
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
 
 
+def matplotlib_magic(arg: str):
+    "%matplotlib inline: accepted, and nothing to do: figures are inline already."
+    if arg.strip() not in ("", "inline"):
+        raise UsageError(f"%matplotlib {arg.strip()}: figures are inline here; for another"
+                         " backend, call matplotlib.use() before importing pyplot")
+
+
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1)}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system,
+          "matplotlib": matplotlib_magic}
+
+
+################ Optional integrations: comm, IPython.display and matplotlib, when imported
+
+# None of these is imported at startup, and the kernel needs none of them. A finder at the
+# head of sys.meta_path watches imports instead: when the user's code first imports one, the
+# real module loads as usual, then HOOKS points its hooks at this module, so that code written
+# for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
+# and shows itself through IPython.display.
+
+BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
+
+
+class HookOnImport:
+    "On sys.meta_path: find a module in HOOKS as the other finders do, and hook it once loaded."
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        if name not in HOOKS:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)  # old-style finders have none
+            if finder is not HookOnImport and find and (spec := find(name, path, target)):
+                break
+        else:
+            return None  # not installed: the ImportError the user expects
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            HOOKS[name](module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader, made for this import
+        return spec
+
+
+def hook_comm(comm):
+    "The comm package: its users create our Comms, and register targets with this module."
+    comm.create_comm, comm.get_comm_manager = Comm, lambda: me
+
+
+def hook_ipython_display(functions):
+    "IPython.display and the modules that import from it: display through minikernel."
+    functions.display, functions.clear_output = display, clear_output
+    functions.update_display, functions.publish_display_data = update_display, publish_data
+
+
+def publish_data(data: dict, metadata: Optional[dict] = None, source=None, *, transient=None,
+                 **kwargs):
+    "IPython's publish_display_data: a mimebundle, shown as it is."
+    display(data, raw=True, metadata=metadata, display_id=(transient or {}).get("display_id"),
+            **kwargs)
+
+
+def hook_matplotlib(matplotlib):
+    "matplotlib: figures inline, unless the user chose a backend (MPLBACKEND, or use() later)."
+    if "MPLBACKEND" not in os.environ:
+        matplotlib.use(BACKEND)
+
+
+def hook_ipywidgets(ipywidgets):
+    "ipywidgets: register its comm targets, and show its callbacks' errors (IPython's shell would)."
+    import logging  # ipywidgets has imported it already
+
+    ipywidgets.register_comm_target()
+    shown = logging.Handler(logging.WARNING)  # without a shell it logs them, to a NullHandler
+    shown.emit = lambda record: record.exc_info and show_error(record.exc_info[1],
+                                                               record.getMessage())
+    logging.getLogger("traitlets").addHandler(shown)  # the logger its widgets have
+
+
+HOOKS = {"comm": hook_comm, "IPython.core.display_functions": hook_ipython_display,
+         "matplotlib": hook_matplotlib, "ipywidgets": hook_ipywidgets}
+
+
+def __getattr__(name: str):
+    "The backend's FigureCanvas, looked up by matplotlib: imported only when pyplot asks."
+    if name == "FigureCanvas":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        globals()[name] = FigureCanvasAgg  # pyplot then copies this module's globals
+        return FigureCanvasAgg
+    raise AttributeError(f"module 'minikernel' has no attribute {name!r}")
+
+
+def show(block=None):
+    "plt.show(): every open figure as an image/png display_data, then closed."
+    import base64
+
+    from matplotlib import pyplot
+    from matplotlib._pylab_helpers import Gcf  # where pyplot keeps its figures, for backends
+
+    try:
+        for manager in Gcf.get_all_fig_managers():
+            png = io.BytesIO()
+            manager.canvas.figure.savefig(png, format="png", bbox_inches="tight")
+            display({"image/png": base64.b64encode(png.getvalue()).decode(),
+                     "text/plain": repr(manager.canvas.figure)}, raw=True)
+    finally:
+        pyplot.close("all")
+
+
+def show_figures():
+    "At the end of a cell: show the figures it drew and did not show, if we are the backend."
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot and pyplot.get_backend() == BACKEND:
+        show()
+
+
+################ Output below Python: file descriptors 1 and 2, forwarded to the streams
+
+# C code, subprocesses and forked children do not write to sys.stdout: they write to file
+# descriptors 1 and 2. So at startup both become pipes (the terminal's fd 2 is kept, for log()).
+# A forwarder thread wakes when a pipe has data and adds it to the output buffer; every flush
+# also takes what is waiting, so what was written before a reply is published before it. A read
+# takes one pipe-full at most: a flood from a child stays in bounded pieces, and the full pipe
+# makes the child wait (that is the backpressure).
+
+PIPE_READ = 1 << 16  # bytes: what a Linux pipe holds
+pipes = []  # [(read end, stream name, its UTF-8 decoder)], for fds 1 and 2 once captured
+
+
+def capture_fds():
+    "Point fds 1 and 2 at pipes the forwarder reads; log() keeps the terminal's fd 2."
+    import codecs  # (already imported by every Python: io needs it)
+    sys.__stdout__.flush()
+    sys.__stderr__.flush()
+    kernel["terminal"] = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)  # fds 1 and 2 stay inheritable: subprocesses write here
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        pipes.append((read_end, name, codecs.getincrementaldecoder("utf-8")(errors="replace")))
+
+
+def read_fds():
+    "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
+        with contextlib.suppress(BlockingIOError):  # nothing waiting
+            if text := decoder.decode(os.read(read_end, PIPE_READ)):
+                buffer_output(name, text)
+
+
+def in_forked_child():
+    "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
+    # Only the forking thread lives on in a child: a lock that another thread held at the fork
+    # stays held for good, and the kernel's sockets are not the child's to use.
+    # Nor are its signal handlers: SIGTERM (Pool.terminate) must end the child, not "shut it down".
+    global iopub_lock
+    iopub_lock = threading.RLock()
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def forward_fds():
+    "The forwarder thread: whenever a pipe has data, move it to the output buffer."
+    while True:
+        zmq.select([read_end for read_end, _, _ in pipes], [], [])
+        with iopub_lock:
+            read_fds()
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
 
 
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
-usage: python minikernel.py [-f FILE] [--ip ADDR]
+usage: python minikernel.py [-f FILE] [--ip ADDR] [--show-messages]
        python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+                                    [--show-messages]
 
 Start a kernel:
   python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
@@ -1124,9 +1688,14 @@ Start a kernel:
   python minikernel.py -f FILE       the kernelspec way: bind exactly what FILE says (transport,
                                      ip, ports, key); if FILE does not exist, write it as above
   python minikernel.py --ip ADDR     listen on ADDR instead of 127.0.0.1 (warns if not loopback)
+  python minikernel.py --show-messages
+                                     print every message received (<-) and sent (->) on stderr
 
 Let Jupyter start it (jupyter console --kernel minikernel, nbclient, JupyterLab):
   python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+  python minikernel.py install --show-messages
+                                     a kernelspec "minikernel-trace" whose kernel prints every
+                                     message in the terminal of whoever started it (the server)
 
 Attach to a running kernel: python miniconsole.py --existing
 Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend, or kill PID.
@@ -1136,9 +1705,9 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 TRAITLETS_OPTION = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # --Class.trait=value
 
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
-OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1"},
+OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
-                       "--name": "minikernel"}}
+                       "--name": None, "--show-messages": False}}
 
 
 def parse_args(argv: list) -> tuple[str, dict]:
@@ -1175,16 +1744,21 @@ def usage_error(problem: str):
 
 def install(opts: dict):
     "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
+    trace = opts["--show-messages"]
+    name = opts["--name"] or ("minikernel-trace" if trace else "minikernel")
     prefix = opts["--prefix"] or (sys.prefix if opts["--sys-prefix"] else None)
     base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
-    spec_dir = os.path.join(base, "kernels", opts["--name"])
+    spec_dir = os.path.join(base, "kernels", name)
     os.makedirs(spec_dir, exist_ok=True)
-    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
-            "display_name": f"Python 3 ({opts['--name']})", "language": "python",
+    # interrupt_mode "message": Jupyter interrupts with interrupt_request on control rather than
+    # SIGINT to our process group, the same way a console attached with --existing must.
+    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}",
+                     *["--show-messages"] * trace],
+            "display_name": f"{DISPLAY_NAME} ({name})", "language": LANGUAGE_INFO["name"],
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    print(f"Installed kernelspec {opts['--name']} in {spec_dir}")
+    print(f"Installed kernelspec {name} in {spec_dir}")
 
 
 def remove_connection_file():
@@ -1194,7 +1768,7 @@ def remove_connection_file():
             os.remove(kernel["connection_file"])
 
 
-def serve(path: Optional[str], ip: str):
+def serve(path: Optional[str], ip: str, show_messages: bool):
     "Bind the five sockets, start the threads, and run shell requests until shutdown."
     parent = os.getppid()  # now, before the connection file tells the launcher we are up
     if path and os.path.exists(path):
@@ -1220,13 +1794,27 @@ def serve(path: Optional[str], ip: str):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
+              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
+    if show_messages:
+        kernel["trace"] = True
+        log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
-    sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    sys.modules["minikernel"] = me  # so `import minikernel` finds this one, as matplotlib does
+    sys.meta_path.insert(0, HookOnImport)  # see Optional integrations
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
+        sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
-    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
+    capture_fds()
+    os.register_at_fork(after_in_child=in_forked_child)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
@@ -1235,7 +1823,7 @@ def serve(path: Optional[str], ip: str):
     signal.signal(signal.SIGTERM, lambda signum, frame: leave())
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
-               (iopub_ticker, sockets["iopub"])]
+               (iopub_ticker, sockets["iopub"]), (forward_fds,)]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
@@ -1245,13 +1833,6 @@ def serve(path: Optional[str], ip: str):
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
-    if kernel["wrote_file"]:
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
-              f"    python miniconsole.py --existing\n"
-              f"    jupyter console --existing {kernel['connection_file']}\n"
-              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
-              file=sys.__stdout__, flush=True)
     code = 0
     try:
         serve_shell(sockets["shell"])
@@ -1259,6 +1840,7 @@ def serve(path: Optional[str], ip: str):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        force_exit_soon()
         code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
@@ -1268,7 +1850,7 @@ def serve(path: Optional[str], ip: str):
     sockets["stdin"].close()
     ctx.term()  # waits for control and hb to close, and for queued messages to leave
     remove_connection_file()
-    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+    sys.exit(code)  # a normal exit, as a Python script's: atexit handlers run, open files flush
 
 
 def main(argv: list):
@@ -1277,7 +1859,7 @@ def main(argv: list):
     if command == "install":
         install(opts)
     else:
-        serve(opts["-f"], opts["--ip"])
+        serve(opts["-f"], opts["--ip"], opts["--show-messages"])
 
 
 if __name__ == "__main__":
