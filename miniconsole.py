@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Optional
@@ -61,6 +60,7 @@ import zmq
 USER = os.environ.get("USER", "username")
 TICK = 0.25  # seconds between looks at iopub and hb while we wait for a line
 HB_SILENCE = 1.5  # seconds without a heartbeat echo before the kernel counts as dead
+COMPLETE_WAIT = 15.0  # seconds Tab waits: ipykernel's first (jedi) completion can take seconds
 OTHER = "[other frontend] "  # marks each line that another frontend's cell produced
 EXIT_COMMANDS = {"exit", "quit", "exit()", "quit()"}
 KERNEL_DIED = 3  # exit code; 1 means no kernel was found, or (piped) a cell raised
@@ -134,14 +134,18 @@ def start_kernel() -> tuple:
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
@@ -149,7 +153,7 @@ def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
@@ -190,14 +194,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -206,10 +210,18 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
-    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
-        raise ValueError("header values must be plain strings or numbers")
+    if nested_deeper(msg["header"], HEADER_DEPTH):  # echoed back: it must serialize again
+        raise ValueError(f"header nested more than {HEADER_DEPTH} deep")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
+
+def nested_deeper(value, levels: int) -> bool:
+    "Do lists and objects nest more than `levels` deep in this JSON value?"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and (levels == 0 or any(nested_deeper(v, levels - 1)
+                                                           for v in value))
 
 
 ################ The client: five sockets to one kernel
@@ -396,7 +408,7 @@ def complete(con: Console, text: str, state: int) -> Optional[str]:
         con.matches = []
         line, begin, end = readline.get_line_buffer(), readline.get_begidx(), readline.get_endidx()
         reply = None if con.running else con.client.request(  # not while the kernel waits on stdin
-            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=2.0)
+            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=COMPLETE_WAIT)
         content = reply["content"] if reply else {}
         for match in content.get("matches", []) if content.get("status") == "ok" else []:
             full = line[: content["cursor_start"]] + match  # the line as the kernel completes it
@@ -560,7 +572,7 @@ def show_message(con: Console, arrow: str, channel: str, msg: dict) -> None:
 
 ################ stdin: the kernel asks us for a line
 
-# input() or pdb in the kernel sends  input_request {"prompt": "ipdb> ", "password": false}
+# input() or pdb in the kernel sends  input_request {"prompt": "(Pdb) ", "password": false}
 # to the identity of the shell request that is running, that is to us; we send back
 #   input_reply {"value": "p x"}   with the request's header as parent_header.
 

@@ -23,6 +23,30 @@ Every request on shell and control is answered on the same socket, and bracketed
 status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
 frontend sees it, each knowing from parent_header which request it belongs to.
 
+One cell, `print("hi"); 1 + 1`, as it travels: what `python minikernel.py --show-messages`
+prints while a frontend F runs it (<- received, -> sent). Every message the kernel sends about
+it carries F's execute_request header as its parent_header; only the reply goes to F alone.
+
+      shell <- execute_request      {"code": "print(\"hi\"); 1 + 1", "silent": false, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "print(\"hi\"); 1 + 1", "execution_count": 1}
+      iopub -> stream               {"name": "stdout", "text": "hi\n"}
+      iopub -> execute_result       {"execution_count": 1, "data": {"text/plain": "2"}, ...}
+      shell -> execute_reply        {"status": "ok", "execution_count": 1, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
+And `name = input("Name? ")`: the kernel asks on stdin, addressed with the routing identity
+that F's execute_request came from on shell (F's shell and stdin DEALERs share it), so only F
+is asked, and F answers with the input_request as parent_header.
+
+      shell <- execute_request      {"code": "name = input(\"Name? \")", "allow_stdin": true, ...}
+      iopub -> status               {"execution_state": "busy"}
+      iopub -> execute_input        {"code": "name = input(\"Name? \")", "execution_count": 2}
+      stdin -> input_request        {"prompt": "Name? ", "password": false}
+      stdin <- input_reply          {"value": "Ada"}
+      shell -> execute_reply        {"status": "ok", "execution_count": 2, "payload": [], ...}
+      iopub -> status               {"execution_state": "idle"}
+
 The sections follow a message's life: the connection file, the wire format, the heartbeat,
 iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
 """
@@ -52,6 +76,8 @@ __version__ = "0.1.0"
 USER = os.environ.get("USER", "username")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CELLS_KEPT = 1000  # a long session keeps the history and source lines of its last 1,000 cells
+
 # What the threads share. main() fills in the sockets and session; the shell handlers keep
 # the rest up to date as requests come and go.
 kernel = {
@@ -60,23 +86,44 @@ kernel = {
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
+    "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
+    # or a comm message whose callback runs): what output belongs to
+    "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
-    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
-    "sending": False,  # the main thread is between the frames of a message: no raising now
+    "starting": False,  # the main thread took a shell request and has not yet run its code
+    "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    "trace": False,  # --show-messages: log every message received and sent
+    "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
+    "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 
 
 def log(line: str):
     "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
-        print(f"[minikernel] {line}", file=sys.__stderr__, flush=True)
+        print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
+
+
+def trace(arrow: str, channel: str, msg: dict):
+    "--show-messages: a message received (<-) or sent (->), one line, as miniconsole shows it."
+    if not kernel["trace"]:
+        return
+    try:  # ASCII JSON: a lone surrogate or any other text is safe on any terminal
+        content = json.dumps(msg["content"], default=str)
+    except (ValueError, RecursionError):  # a cycle, or nested deeper than we can print
+        content = "<content not printable>"
+    content = content if len(content) <= 80 else content[:77] + "..."
+    buffers = f" +{len(msg['buffers'])} buffers" if msg.get("buffers") else ""
+    log(f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}{buffers}")
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -148,14 +195,18 @@ def write_connection_file(path: str, conn: dict):
 
 # A message is four JSON dicts. On the wire it travels as one ZeroMQ multipart message:
 #   [ids..., b"<IDS|MSG>", signature, header, parent_header, metadata, content, buffers...]
-# The ids are ROUTER routing frames (or an iopub topic). The signature is the hex HMAC of
-# the four dict frames, keyed with the connection file's key: whoever holds the key may
-# run code, so everything received is checked before it is believed.
+# The ids are ROUTER routing frames (or an iopub topic). Their number varies, one per ROUTER
+# a message has passed through, so the delimiter marks where the message proper begins. The
+# signature is the hex HMAC of the four dict frames, keyed with the connection file's key:
+# whoever holds the key may run code, so everything received is checked before it is
+# believed. Buffers (raw binary frames, for comms) are not signed: only the dicts are.
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
@@ -163,7 +214,7 @@ def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
@@ -204,14 +255,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -220,10 +271,18 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
-    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
-        raise ValueError("header values must be plain strings or numbers")
+    if nested_deeper(msg["header"], HEADER_DEPTH):  # echoed back: it must serialize again
+        raise ValueError(f"header nested more than {HEADER_DEPTH} deep")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
+
+def nested_deeper(value, levels: int) -> bool:
+    "Do lists and objects nest more than `levels` deep in this JSON value?"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and (levels == 0 or any(nested_deeper(v, levels - 1)
+                                                           for v in value))
 
 
 ################ Heartbeat: proof of life
@@ -248,6 +307,12 @@ def heartbeat(hb: zmq.Socket):
 # owner is a lock: whoever holds iopub_lock may touch the iopub socket and the output buffer.
 # A ticker thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish
 # buffered output, so a long-running cell's prints arrive while it runs.
+#
+# A signal handler or a finalizer (__del__) runs in whatever thread it interrupts, maybe one
+# that holds the lock and is halfway through a message. A plain Lock would deadlock it there;
+# iopub_lock is re-entrant, so it gets in, and the one rule that keeps the frames whole is that
+# a send never starts inside another. While a send is under way, a nested write only adds to
+# the buffer, and a nested message joins the queue that the send under way empties.
 
 FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
@@ -256,29 +321,59 @@ FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream 
 # thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
 PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
-iopub_lock = threading.RLock()  # re-entrant: a __str__ that prints must not deadlock a flush
-output = {"runs": [], "size": 0, "sent": 0}  # runs: [[name, [text, ...]], ...] in write order
+iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
+output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
+          "queue": deque(), "sending": False}  # messages to send, and a send is under way
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
                **extra):
     "Broadcast: [topic, <IDS|MSG>, signature, header, parent, metadata, content, buffers...]."
-    iopub, session = kernel["sockets"]["iopub"], kernel["session"]
-    if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-        msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
-        topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
-        send_whole(iopub, to_frames(session, msg, [topic.encode()]))
+    session = kernel["session"]
+    msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
+    trace("->", "iopub", msg)
+    topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
+    output["queue"].append(to_frames(session, msg, [topic.encode()]))
+    if not output["sending"]:  # else the send under way in this thread sends it after its own
+        with sending():
+            pass  # the queue goes out as the send ends
+
+
+@contextlib.contextmanager
+def sending():
+    "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
+    output["sending"] = True
+    try:
+        with uninterrupted():
+            yield
+            send_queued()
+    finally:
+        output["sending"] = False
+
+
+def send_queued():
+    "Send what the queue holds, oldest first (inside sending())."
+    iopub, queue = kernel["sockets"]["iopub"], output["queue"]
+    while queue:
+        frames = queue.popleft()
+        if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+            iopub.send_multipart(frames)
 
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
-    runs, output["runs"], output["size"] = output["runs"], [], 0
-    for name, texts in runs:
-        text = "".join(texts)
-        output["sent"] += len(text)
-        for i in range(0, len(text), PIECE_SIZE):
-            piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
-            send_iopub("stream", piece, kernel["parent"]["header"])
+    if output["sending"]:  # nested in a send (see iopub_lock): the text waits in the buffer
+        return
+    read_fds()  # what C code or a subprocess wrote before now goes out now too
+    with sending():
+        runs, output["runs"], output["size"] = output["runs"], [], 0
+        for name, texts in runs:
+            text = "".join(texts)
+            output["sent"] += len(text)
+            for i in range(0, len(text), PIECE_SIZE):
+                piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
+                send_iopub("stream", piece, kernel["cell"])
+                send_queued()  # each piece as it is made: a huge print never holds all its frames
 
 
 def give_back_memory():
@@ -314,8 +409,10 @@ def iopub_ticker(iopub: zmq.Socket):
                 return
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
-                if event[:1] == b"\x01":
+                if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
+                    # Published on that topic, so zmq's prefix matching hands it to everyone
+                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
             flush_output()
 
@@ -325,25 +422,22 @@ class Stream(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
     def writable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self.fd  # what is written to it there arrives too: see Output below Python
+
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if kernel["silent"]:  # silent code broadcasts nothing
+            return len(text)
         with iopub_lock:
-            runs = output["runs"]
-            if runs and runs[-1][0] == self.name:
-                texts = runs[-1][1]
-                texts.append(text)
-                if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-                    texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
-            else:  # stdout and stderr interleave in the order they were written
-                runs.append([self.name, [text]])
-            output["size"] += len(text)
+            buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
         return len(text)
@@ -351,6 +445,19 @@ class Stream(io.TextIOBase):
     def flush(self):
         with iopub_lock:
             flush_output()
+
+
+def buffer_output(name: str, text: str):
+    "Add text to the output buffer, to be published on the next flush (lock held)."
+    runs = output["runs"]
+    if runs and runs[-1][0] == name:
+        texts = runs[-1][1]
+        texts.append(text)
+        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
+            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+    else:  # stdout and stderr interleave in the order they were written
+        runs.append([name, [text]])
+    output["size"] += len(text)
 
 
 ################ Rich output: display_data, execute_result, clear_output
@@ -374,21 +481,32 @@ def mimebundle(obj) -> tuple[dict, dict]:
             value = getattr(obj, method)()
         except Exception:  # no such repr, or a broken one: text/plain still stands
             continue
-        if isinstance(value, tuple):  # (data, metadata)
-            value, metadata[mime] = value
-        if isinstance(value, bytes):  # images travel as base64 text inside JSON
-            import base64
-            value = base64.b64encode(value).decode()
-        if value is not None:
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            value, metadata[mime] = value  # (data, metadata)
+        if (value := fit(mime, value)) is not None:
             data[mime] = value
+        else:
+            metadata.pop(mime, None)
     try:
         bundle = obj._repr_mimebundle_(include=None, exclude=None)
     except Exception:
         return data, metadata
-    bundle, extra = bundle if isinstance(bundle, tuple) else (bundle, {})
-    data.update(bundle or {})
-    metadata.update(extra or {})
+    bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
+    if isinstance(bundle, dict) and isinstance(extra, dict):
+        data.update(bundle)
+        metadata.update(extra)
     return data, metadata
+
+
+def fit(mime: str, value):
+    "A rich repr's value as JSON carries it, or None if it has the wrong type for its mimetype."
+    # An object that answers every attribute (a mock, an RPC proxy) returns objects, not reprs.
+    if mime == "application/json":
+        return value if isinstance(value, (dict, list)) else None
+    if mime in ("image/png", "image/jpeg") and isinstance(value, bytes):
+        import base64  # images travel as base64 text inside JSON
+        return base64.b64encode(value).decode()
+    return value if isinstance(value, str) else None  # text, or an image already in base64
 
 
 def display(*objs, display_id=None, update: bool = False, raw: bool = False,
@@ -396,14 +514,17 @@ def display(*objs, display_id=None, update: bool = False, raw: bool = False,
     """Show objects below the cell (raw: they are mimebundles already). With display_id (True
     makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
     display_id = uuid.uuid4().hex if display_id is True else display_id
+    if update and not display_id:
+        raise ValueError("display(..., update=True) needs the display_id of the display to update")
     transient = {"display_id": display_id} if display_id else {}
     for obj in objs:
         data, md = (obj, {}) if raw else mimebundle(obj)
         if include:  # IPython's display_html() and the like: that mimetype only
             data = {mime: value for mime, value in data.items() if mime in include}
-        publish("update_display_data" if update else "display_data",
-                {"data": data, "metadata": {**md, **(metadata or {})}, "transient": transient},
-                kernel["parent"]["header"])
+        if not kernel["silent"]:  # silent code broadcasts nothing
+            publish("update_display_data" if update else "display_data",
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
     return DisplayHandle(display_id) if display_id else None
 
 
@@ -427,7 +548,8 @@ class DisplayHandle:
 
 def clear_output(wait: bool = False):
     "Clear this cell's output now, or (wait=True) just before the next output arrives."
-    publish("clear_output", {"wait": wait}, kernel["parent"]["header"])
+    if not kernel["silent"]:
+        publish("clear_output", {"wait": wait}, kernel["cell"])
 
 
 ################ stdin: input() answered by a frontend
@@ -450,8 +572,10 @@ def input_request(prompt: str = "", password: bool = False) -> str:
     drain(stdin)  # replies to earlier, interrupted requests are stale now
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
+    trace("->", "stdin", msg)
     try:
-        send_whole(stdin, to_frames(session, msg, parent["ids"]))
+        with uninterrupted():
+            stdin.send_multipart(to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
         raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
     while True:
@@ -460,8 +584,12 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
-        if reply["header"]["msg_type"] == "input_reply":
-            break
+        trace("<-", "stdin", reply)
+        if reply["header"]["msg_type"] != "input_reply":
+            continue
+        if reply["parent_header"].get("msg_id", msg["header"]["msg_id"]) == msg["header"]["msg_id"]:
+            break  # ours, or one without a parent (jupyter_client sends none): take it
+        log("stdin: dropped a stale input_reply, to an earlier input_request")
     value = reply["content"].get("value", "")
     if value == "\x04":  # Ctrl-D at the frontend's prompt
         raise EOFError("EOF from the frontend")
@@ -470,7 +598,27 @@ def input_request(prompt: str = "", password: bool = False) -> str:
 
 def user_input(prompt: object = "") -> str:
     "builtins.input, for user code: the line comes from a frontend."
-    return input_request(str(prompt))
+    try:
+        return input_request(str(prompt))
+    except KeyboardInterrupt:
+        if at_pdb_prompt():
+            raise LeaveDebugger from None
+        raise
+
+
+class LeaveDebugger(BaseException):
+    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
+
+
+def at_pdb_prompt() -> bool:
+    "Whether pdb's command loop is what waits for this line."
+    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
+    frame = sys._getframe()
+    while pdb and frame:
+        if frame.f_code is pdb.Pdb._cmdloop.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
@@ -481,29 +629,64 @@ def user_getpass(prompt: str = "Password: ", stream=None) -> str:
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`.
-# Lines starting with % are magics, and `obj?` asks for help: both are rewritten into calls of
-# __magic__ before compiling, line for line, so tracebacks still point at the right line.
-# A bare `exit` or `quit` means exit(), as in IPython.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
+# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
+# (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
+# point at the right line. Only the tokenizer knows where a statement starts (never inside a
+# string, open brackets or after a backslash), so it reads the cell one line at a time, and each
+# line is rewritten, if it starts a statement, just before the tokenizer reads it.
 
-MAGIC_LINE = re.compile(r"^(\s*)%(%?\w+)(.*)$")  # %name args
-HELP_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*)(\?\??)\s*$")  # obj?  obj??
-EXIT_LINE = re.compile(r"^(\s*)(exit|quit)\s*$")  # exit
+SPECIAL = [  # a line that starts a statement -> the Python call it means
+    (re.compile(r"(\s*)%(%?\w+)(.*)"), lambda m: f"{m[1]}__magic__({m[2]!r}, {m[3].strip()!r})"),
+    (re.compile(r"(\s*)!(.*)"), lambda m: f"{m[1]}__magic__('system', {m[2].strip()!r})"),
+    (re.compile(r"(\s*)([A-Za-z_][\w.]*)(\?\??)\s*"),  # obj?  obj??
+     lambda m: f"{m[1]}__magic__({'pinfo2' if m[3] == '??' else 'pinfo'!r}, {m[2]!r})"),
+    (re.compile(r"(\s*)(exit|quit)\s*"), lambda m: f"{m[1]}{m[2]}()"),
+]
 
 
-def transform(code: str) -> str:
-    "Rewrite magic and help lines as Python calls, keeping line numbers."
-    def line(text):
-        if m := MAGIC_LINE.match(text):
-            indent, name, arg = m.groups()
-            return f"{indent}__magic__({name!r}, {arg.strip()!r})"
-        if m := HELP_LINE.match(text):
-            indent, name, marks = m.groups()
-            return f"{indent}__magic__({'pinfo2' if marks == '??' else 'pinfo'!r}, {name!r})"
-        if m := EXIT_LINE.match(text):
-            return f"{m.group(1)}{m.group(2)}()"
-        return text
-    return "\n".join(map(line, code.split("\n")))
+def rewrite(line: str) -> str:
+    "A line that starts a statement, with IPython's syntax in it made a Python call."
+    body = line.rstrip("\r\n")
+    for pattern, call in SPECIAL:
+        if m := pattern.fullmatch(body):
+            return call(m) + line[len(body) :]
+    return line
+
+
+def dedent(code: str) -> list:
+    "The cell's lines, without the indentation that all of them share (a pasted block)."
+    lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
+                                   for line in lines if line.strip()])
+    return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
+
+
+def transform(code: str) -> tuple[str, bool]:
+    "The cell as Python source, and whether a `;` ends it (hiding its result)."
+    import tokenize
+    lines, read = dedent(code), []
+    starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
+
+    def readline() -> str:
+        if len(read) == len(lines):
+            return ""
+        read.append(rewrite(lines[len(read)]) if starts else lines[len(read)])
+        return read[-1]
+
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # compile() will say what is wrong
+        for tok in tokenize.generate_tokens(readline):
+            if tok.type == tokenize.OP and tok.string in ("(", "[", "{", ")", "]", "}"):
+                depth += 1 if tok.string in ("(", "[", "{") else -1
+            # A line starts a statement when the one before ended one: NEWLINE, or NL outside
+            # brackets (a blank or comment line), on that line (not a string's first line).
+            starts = tok.type in (tokenize.NEWLINE, tokenize.NL) and depth <= 0 \
+                and tok.end[0] == len(read)
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+                                tokenize.DEDENT, tokenize.ENDMARKER):
+                last = tok.string
+    return "".join(read + lines[len(read) :]), last == ";"
 
 
 def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Optional[str]]:
@@ -512,15 +695,19 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import linecache
 
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
-    kernel["running"] = True
+    kernel["running"], kernel["starting"] = True, False
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
-        tree = compile(transform(code), name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
+        source, quiet = transform(code)
+        tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
+        codes = [compile(tree, name, "exec", flags)]
+        if last is not None:
+            codes.append(compile(ast.Expression(last.value), name, "eval", flags))
         try:
-            exec(compile(tree, name, "exec"), user.__dict__)
-            value = last and eval(compile(ast.Expression(last.value), name, "eval"), user.__dict__)
-            if value is None or silent or code.rstrip().endswith(";"):  # `plt.plot(x);`: no Out
+            value = run_code(codes)
+            if value is None or silent or quiet:
                 return None, None
             user._ = value
             data, metadata = mimebundle(value)
@@ -533,11 +720,53 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
+        if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
+            e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
+        if not isinstance(e, UsageError):  # %debug debugs the user's code, not a magic's misuse
+            remember_for_debug(e)
         error = error_content(e)
-        publish("error", error, kernel["parent"]["header"])
+        if not silent:
+            publish("error", error, kernel["parent"]["header"])
         return error, None
     finally:
         kernel["running"] = False
+
+
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compiled to a coroutine
+
+
+def run_code(codes: list):
+    "Run a cell's statements, then its last expression, in the user's namespace: its value."
+    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: all of the cell
+        return run_on_loop(run_async(codes))  # runs on the event loop
+    for code in codes:
+        value = eval(code, user.__dict__)
+    return value
+
+
+async def run_async(codes: list):
+    "Run a cell's parts as one coroutine, awaiting those that eval() made coroutines of."
+    for code in codes:
+        value = eval(code, user.__dict__)
+        if code.co_flags & CO_COROUTINE:
+            value = await value
+    return value
+
+
+def run_on_loop(coroutine):
+    "Run a cell's coroutine as a task on the kernel's event loop, which lives from cell to cell."
+    import asyncio  # imported by the first cell that awaits: most kernels never need it
+    loop = kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    try:
+        loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
+    except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
+        task.cancel()  # finally blocks; a second interrupt (interrupt_request may send two)
+        kernel["running"] = False  # waits, so it cannot cut them short; a shutdown still can
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.wait([task]))
+        raise
+    return task.result()  # its error is raised here, with the cell's frames and not asyncio's
 
 
 CELL_FRAME = re.compile(r'File "<(Cell In\[\d+\])>", line')  # shown as: Cell In[3], line 2
@@ -547,19 +776,27 @@ class UsageError(Exception):
     "A magic was misused: shown as one line, without a traceback."
 
 
-def error_content(e: BaseException) -> dict:
-    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+def remember_for_debug(e: BaseException):
+    "Keep an exception of the user's code for %debug, as the Python prompt does (sys.last_*)."
     tb = e.__traceback__
     while tb and tb.tb_frame.f_code.co_filename == __file__:  # start %debug in the user's code
         tb = tb.tb_next
     sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb or e.__traceback__
+
+
+def error_content(e: BaseException) -> dict:
+    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+    try:
+        evalue = str(e)
+    except Exception:  # its __str__ raised; the traceback module says the same
+        evalue = "<exception str() failed>"
     if isinstance(e, UsageError):
-        return {"ename": "UsageError", "evalue": str(e), "traceback": [f"UsageError: {e}"]}
+        return {"ename": "UsageError", "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
     import traceback  # imported on first use: only errors need it
 
     te = traceback.TracebackException(type(e), e, e.__traceback__)
     hide_kernel_frames(te)
-    return {"ename": type(e).__name__, "evalue": str(e),
+    return {"ename": type(e).__name__, "evalue": evalue,
             "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
 
 
@@ -591,7 +828,7 @@ targets = {}  # target_name -> handler(comm, comm_open msg), for comms a fronten
 class Comm:
     "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
 
-    kernel = sys.modules[__name__]  # ipywidgets' Output widget asks comm.kernel.get_parent()
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
 
     def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
                  metadata: Optional[dict] = None, buffers: Sequence = (),
@@ -617,7 +854,7 @@ class Comm:
         self.publish("comm_msg", data, metadata, buffers)
 
     def close(self, data=None, metadata=None, buffers=()):
-        if not self.closed:  # once: a widget closes its comm when closed and when deleted
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
             self.closed = True
             comms.pop(self.comm_id, None)
             self.publish("comm_close", data, metadata, buffers)
@@ -649,9 +886,11 @@ def get_parent() -> dict:
 
 def comm_callback(f, *args) -> bool:
     "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
-    msg = args[-1]  # handed over as ipykernel does: ipywidgets calls .tobytes() on them
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
-    kernel["running"] = True
+    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
+    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
     try:
         f(*args)
         return True
@@ -723,30 +962,48 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help.")
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
     "Run a cell: execute_input, then its outputs on iopub, then this reply."
     c = msg["content"]
-    code, silent = c["code"], c.get("silent", False)
+    code, silent = c.get("code"), bool(c.get("silent", False))
+    expressions = c.get("user_expressions") or {}
+    if not isinstance(code, str) or not isinstance(expressions, dict):  # nothing runs
+        kernel["starting"] = False
+        return execute_reply("error", ename="TypeError", traceback=[], evalue=(
+            "execute_request needs code as a string and user_expressions as an object"))
     store = c.get("store_history", True) and not silent
     n = kernel["execution_count"]
     if not silent:
+        kernel["cell"] = msg["header"]
         publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
-    kernel["payload"] = []
-    error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source with no file
+    kernel["payload"], kernel["silent"] = [], silent
+    try:
+        error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
+    finally:
+        kernel["silent"] = False
     if store:
-        kernel["history"].append((n, code, result))
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
         kernel["execution_count"] += 1
-    count = kernel["execution_count"] - 1  # this cell's N, or the last stored one's when silent
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
         if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
             kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
-        return {"status": "error", "execution_count": count, **error}
-    expressions = {k: user_expression(v) for k, v in c.get("user_expressions", {}).items()}
-    return {"status": "ok", "execution_count": count, "payload": kernel["payload"],
-            "user_expressions": expressions}
+        return execute_reply("error", kernel["payload"], **error)
+    return execute_reply("ok", kernel["payload"],
+                         {k: user_expression(v) for k, v in expressions.items()})
+
+
+def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
+                  **error) -> dict:
+    "An execute_reply with every field, whatever the status (the count: this cell's, or the last)."
+    return {"status": status, "execution_count": kernel["execution_count"] - 1,
+            "payload": list(payload), "user_expressions": expressions or {}, **error}
 
 
 def user_expression(expr: str) -> dict:
@@ -754,7 +1011,7 @@ def user_expression(expr: str) -> dict:
     try:
         data, metadata = mimebundle(eval(expr, user.__dict__))
         return {"status": "ok", "data": data, "metadata": metadata}
-    except Exception as e:
+    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
         return {"status": "error", **error_content(e)}
 
 
@@ -768,7 +1025,7 @@ def drain(sock: zmq.Socket) -> list:
 
 def aborted_execute(msg: dict) -> dict:
     "An execute_request queued behind a failed cell is not run (stop_on_error)."
-    return {"status": "aborted", "execution_count": kernel["execution_count"] - 1}
+    return execute_reply("aborted")
 
 
 def kernel_info_request(msg: dict) -> dict:
@@ -804,19 +1061,41 @@ def cursor(c: dict) -> int:
     return pos
 
 
+IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
+
+
 def complete_request(msg: dict) -> dict:
     "Tab: the names, attributes and keywords that could finish the word before the cursor."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
     base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
-        names = dir(resolve(base)) if dot else [*user.__dict__, *dir(builtins), *keyword.kwlist]
-    except Exception:  # nothing by that name: nothing to offer
+        if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
+            names = module_names(base)
+        elif dot:
+            names = interruptible(dir, resolve(base))
+        else:
+            names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
+    except (Exception, KeyboardInterrupt):  # nothing by that name, or interrupted: nothing
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
     return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
             "cursor_end": pos, "metadata": {}}
+
+
+def module_names(package: str) -> list:
+    "The modules `import package.` could name (top-level ones if package is ''), none imported."
+    import importlib.machinery
+    import pkgutil
+    path = None  # sys.path
+    for name in filter(None, package.split(".")):  # find each package's folder, as import would
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        path = spec.submodule_search_locations
+    names = [module.name for module in pkgutil.iter_modules(path)]
+    return names if path is not None else [*names, *sys.builtin_module_names]
 
 
 def inspect_request(msg: dict) -> dict:
@@ -826,10 +1105,21 @@ def inspect_request(msg: dict) -> dict:
     if not name.strip("."):  # "print(|": help on the function being called
         name = word_before(code[:pos].rstrip().removesuffix("("))
     try:
-        text = describe(resolve(name.strip(".")), name, msg["content"].get("detail_level", 0))
-    except Exception:
+        text = interruptible(describe, resolve(name.strip(".")), name,
+                             msg["content"].get("detail_level", 0))
+    except (Exception, KeyboardInterrupt):
         return {"status": "ok", "found": False, "data": {}, "metadata": {}}
     return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+
+def interruptible(function, *args):
+    "Call a function that runs user code (a __dir__, a __repr__): an interrupt stops it."
+    kernel["running"] = True
+    try:
+        interrupt_now()  # one that came while this request was on its way
+        return function(*args)
+    finally:
+        kernel["running"] = False
 
 
 def describe(obj, name: str, detail: int) -> str:
@@ -851,28 +1141,40 @@ def describe(obj, name: str, detail: int) -> str:
 
 def is_complete_request(msg: dict) -> dict:
     "Should Enter run the cell? complete, incomplete (with the indent to offer), or invalid."
+    import ast
     import codeop
     import warnings
-    source = transform(msg["content"]["code"])
+    code = msg["content"]["code"]
+    source, _ = transform(code)
+    compile_command = codeop.CommandCompiler()
+    compile_command.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # as run_cell compiles
     try:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
-            compiled = codeop.compile_command(source, "<cell>", "exec")
-    except (SyntaxError, ValueError, OverflowError):
-        return {"status": "invalid"}
-    last = source.split("\n")[-1]
+            compiled = compile_command(source, "<cell>", "exec")
+            statements = ast.parse(source).body if compiled else []
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
+        return {"status": "invalid"}  # the last two: too long or deep for the parser
+    last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if indent and last.strip():  # inside an indented block: a blank line ends it
+    in_block = source.split("\n")[-1][:1] in (" ", "\t") and last.strip()
+    if in_block and statements and has_body(statements[-1]):
+        # inside an indented block (not just a line continued in brackets): a blank line ends it
         return {"status": "incomplete", "indent": indent}
     return {"status": "complete"}
+
+
+def has_body(statement) -> bool:
+    "Is this a compound statement (if, for, def, with, ...), one that a blank line ends?"
+    return any(hasattr(statement, field) for field in ("body", "cases"))  # cases: match
 
 
 def history_request(msg: dict) -> dict:
     "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
     import fnmatch
-    c, rows = msg["content"], kernel["history"]
+    c, rows = msg["content"], list(kernel["history"])
     kind = c.get("hist_access_type")
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows
@@ -893,6 +1195,12 @@ def history_request(msg: dict) -> dict:
     return {"status": "ok", "history": entries}
 
 
+def connect_request(msg: dict) -> dict:
+    "Where the kernel listens (deprecated in the spec, still answered): its five ports."
+    return {"status": "ok", **{f"{name}_port": kernel["connection"][f"{name}_port"]
+                               for name in CHANNELS}}
+
+
 SHELL_HANDLERS = {
     "execute_request": execute_request,
     "kernel_info_request": kernel_info_request,
@@ -901,6 +1209,7 @@ SHELL_HANDLERS = {
     "is_complete_request": is_complete_request,
     "history_request": history_request,
     "comm_info_request": comm_info_request,
+    "connect_request": connect_request,
     "comm_open": comm_open,
     "comm_msg": comm_msg,
     "comm_close": comm_close,
@@ -915,18 +1224,28 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
         log(f"{channel}: dropped a message: {e}")
         return
+    trace("<-", channel, msg)
     msg_type, header = msg["header"]["msg_type"], msg["header"]
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
-        return to_frames(session, new_msg(session, reply_type, content, header), msg["ids"])
+        with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
+            flush_output()
+        reply = new_msg(session, reply_type, content, header)
+        trace("->", channel, reply)
+        return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
+        if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
+            kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
     status("busy", header)
     reply = None
     try:
-        if msg_type not in handlers:
+        if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
+            reply = answer({"status": "error", "ename": "NotImplementedError", "traceback": [],
+                            "evalue": f"{msg_type} is not supported by minikernel on {channel}"})
+        elif msg_type not in handlers:
             log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
         elif (content := handlers[msg_type](msg)) is not None and reply_type:
             reply = answer(content)  # serialized here: a reply that cannot be is an error too
@@ -947,9 +1266,12 @@ ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
 def serve_shell(shell: zmq.Socket):
     "The main thread: take shell requests one at a time, in order, and run them."
     while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
-        kernel["interrupted"] = False  # one that came while idle is forgotten
+        kernel["starting"] = True  # an interrupt from now on is for this request (on_sigint)
         dispatch("shell", shell, frames, SHELL_HANDLERS)
+        kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
@@ -969,7 +1291,11 @@ def on_sigint(signum, frame):
     sigint_taken.set()
     if kernel["exiting"]:
         raise SystemExit(0)
-    kernel["interrupted"] = True
+    # Not in user code, it is for the request being started, or for one already waiting on
+    # shell (an interrupt_request sent right after its execute_request can overtake it), or
+    # for nothing: it came after its cell ended. The main thread owns shell, so may poll it.
+    kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                             or bool(kernel["sockets"]["shell"].poll(0)))
     if not kernel["sending"]:
         interrupt_now()
 
@@ -981,13 +1307,17 @@ def interrupt_now():
         raise KeyboardInterrupt
 
 
-def send_whole(sock: zmq.Socket, frames: list):
-    "Send a message; in the main thread, an interrupt waits until its last frame is out."
-    if threading.current_thread() is not threading.main_thread():  # signals reach main only
-        return sock.send_multipart(frames)
-    kernel["sending"] = True  # raised between two frames, it would leave half a message
+@contextlib.contextmanager
+def uninterrupted():
+    "In the main thread, an interrupt that comes inside waits until the end."
+    # Raised between two frames, it would leave half a message; raised while output taken
+    # from the buffer is being sent, it would drop the rest of it.
+    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
+        yield  # signals reach the main thread only; or we are inside already
+        return
+    kernel["sending"] = True
     try:
-        sock.send_multipart(frames)
+        yield
     finally:
         kernel["sending"] = False
     interrupt_now()
@@ -1005,12 +1335,18 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
             return sock.recv_multipart()
 
 
-def leave(reason: str):
-    "Shut down from any thread: the main thread unwinds and cleans up; after 1 s, force it."
-    log(f"shutting down: {reason}")
+def leave():
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
     kernel["exiting"] = True
-    threading.Timer(1.0, force_exit).start()  # user code may swallow SystemExit; we still go
+    force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
 
 
 def force_exit():
@@ -1043,7 +1379,7 @@ def shutdown_request(msg: dict) -> dict:
 CONTROL_HANDLERS = {
     "shutdown_request": shutdown_request,
     "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
 }
 
 
@@ -1056,17 +1392,18 @@ def serve_control(control: zmq.Socket):
         control.close()
         return
     control.close()  # its linger still delivers the shutdown_reply
-    leave("shutdown_request")
+    leave()
 
 
 def watch_parent(parent: int):
     "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
     while os.getppid() == parent:
         time.sleep(1)
-    leave("the parent process died")
+    log("the process that started this kernel died: shutting down")  # not a routine exit
+    leave()
 
 
-################ Magics: the seed's %connect_info, %console, %debug, and obj?
+################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
 
 def magic(name: str, arg: str):
     "Run %name with its argument string."
@@ -1129,6 +1466,33 @@ def pinfo(arg: str, detail: int = 0):
     kernel["payload"].append({"source": "page", "data": {"text/plain": text}, "start": 0})
 
 
+def system(cmd: str):
+    "!cmd (or %system cmd): run the line in a shell; its output streams into the cell as it comes."
+    import subprocess
+    # Its output goes to fds 1 and 2, the pipes the kernel forwards (see Output below Python).
+    # It has no keyboard, so no stdin; and its own process group, so an interrupt reaches every
+    # process of a pipeline, as Ctrl-C in a terminal does.
+    child = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # SIGINT to the group; SIGKILL if that did not end it in 0.5 s
+        kill_group(child.pid, signal.SIGINT)
+        try:
+            child.wait(0.5)
+        except subprocess.TimeoutExpired:
+            kill_group(child.pid, signal.SIGKILL)
+        raise
+    if status:
+        sys.stderr.flush()  # what the command wrote comes first
+        print(f"!{cmd}: exit status {status}", file=sys.stderr)
+
+
+def kill_group(pgid: int, signum: int):
+    "Send a signal to a process group, if it is still there."
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
 def ask_exit(keep_kernel: bool = False):
     "exit() and quit(): ask the frontend to close, and to stop the kernel unless keep_kernel."
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
@@ -1142,7 +1506,8 @@ def matplotlib_magic(arg: str):
 
 
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1), "matplotlib": matplotlib_magic}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system,
+          "matplotlib": matplotlib_magic}
 
 
 ################ Optional integrations: comm, IPython.display and matplotlib, when imported
@@ -1153,7 +1518,6 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
 # for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
 # and shows itself through IPython.display.
 
-me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
 
 
@@ -1252,11 +1616,71 @@ def show_figures():
         show()
 
 
+################ Output below Python: file descriptors 1 and 2, forwarded to the streams
+
+# C code, subprocesses and forked children do not write to sys.stdout: they write to file
+# descriptors 1 and 2. So at startup both become pipes (the terminal's fd 2 is kept, for log()).
+# A forwarder thread wakes when a pipe has data and adds it to the output buffer; every flush
+# also takes what is waiting, so what was written before a reply is published before it. A read
+# takes one pipe-full at most: a flood from a child stays in bounded pieces, and the full pipe
+# makes the child wait (that is the backpressure).
+
+PIPE_READ = 1 << 16  # bytes: what a Linux pipe holds
+pipes = []  # [(read end, stream name, its UTF-8 decoder)], for fds 1 and 2 once captured
+
+
+def capture_fds():
+    "Point fds 1 and 2 at pipes the forwarder reads; log() keeps the terminal's fd 2."
+    import codecs  # (already imported by every Python: io needs it)
+    sys.__stdout__.flush()
+    sys.__stderr__.flush()
+    kernel["terminal"] = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)  # fds 1 and 2 stay inheritable: subprocesses write here
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        pipes.append((read_end, name, codecs.getincrementaldecoder("utf-8")(errors="replace")))
+
+
+def read_fds():
+    "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
+        with contextlib.suppress(BlockingIOError):  # nothing waiting
+            if text := decoder.decode(os.read(read_end, PIPE_READ)):
+                buffer_output(name, text)
+
+
+def in_forked_child():
+    "A forked child (multiprocessing) prints straight to fds 1 and 2, which the kernel forwards."
+    # Only the forking thread lives on in a child: a lock that another thread held at the fork
+    # stays held for good, and the kernel's sockets are not the child's to use.
+    # Nor are its signal handlers: SIGTERM (Pool.terminate) must end the child, not "shut it down".
+    global iopub_lock
+    iopub_lock = threading.RLock()
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def forward_fds():
+    "The forwarder thread: whenever a pipe has data, move it to the output buffer."
+    while True:
+        zmq.select([read_end for read_end, _, _ in pipes], [], [])
+        with iopub_lock:
+            read_fds()
+            if output["size"] >= FLUSH_SIZE:
+                flush_output()
+
+
 ################ Main: start a kernel, or install its kernelspec
 
 HELP = """\
-usage: python minikernel.py [-f FILE] [--ip ADDR]
+usage: python minikernel.py [-f FILE] [--ip ADDR] [--show-messages]
        python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+                                    [--show-messages]
 
 Start a kernel:
   python minikernel.py               new kernel: free ports on 127.0.0.1, a random key, and a
@@ -1264,19 +1688,26 @@ Start a kernel:
   python minikernel.py -f FILE       the kernelspec way: bind exactly what FILE says (transport,
                                      ip, ports, key); if FILE does not exist, write it as above
   python minikernel.py --ip ADDR     listen on ADDR instead of 127.0.0.1 (warns if not loopback)
+  python minikernel.py --show-messages
+                                     print every message received (<-) and sent (->) on stderr
 
 Let Jupyter start it (jupyter console --kernel minikernel, nbclient, JupyterLab):
   python minikernel.py install [--user | --sys-prefix | --prefix DIR] [--name NAME]
+  python minikernel.py install --show-messages
+                                     a kernelspec "minikernel-trace" whose kernel prints every
+                                     message in the terminal of whoever started it (the server)
 
 Attach to a running kernel: python miniconsole.py --existing
 Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend, or kill PID.
 """
 
 
+TRAITLETS_OPTION = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # --Class.trait=value
+
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
-OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1"},
+OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
-                       "--name": "minikernel"}}
+                       "--name": None, "--show-messages": False}}
 
 
 def parse_args(argv: list) -> tuple[str, dict]:
@@ -1288,7 +1719,11 @@ def parse_args(argv: list) -> tuple[str, dict]:
         if arg in ("-h", "--help"):
             print(HELP, end="")
             sys.exit(0)
-        if name not in opts:
+        if command == "serve" and eq and TRAITLETS_OPTION.fullmatch(name):
+            # jupyter_client takes a kernelspec named python3 for ipykernel, and nbclient then
+            # adds IPython's options, such as --HistoryManager.hist_file=:memory:
+            log(f"ignoring {arg}: an option for IPython, not minikernel")
+        elif name not in opts:
             usage_error(f"unknown argument {arg!r}")
         elif isinstance(opts[name], bool):
             opts[name] = True
@@ -1309,16 +1744,21 @@ def usage_error(problem: str):
 
 def install(opts: dict):
     "Write a kernelspec: how Jupyter starts this kernel, with {connection_file} filled in."
+    trace = opts["--show-messages"]
+    name = opts["--name"] or ("minikernel-trace" if trace else "minikernel")
     prefix = opts["--prefix"] or (sys.prefix if opts["--sys-prefix"] else None)
     base = os.path.join(prefix, "share", "jupyter") if prefix else data_dir()
-    spec_dir = os.path.join(base, "kernels", opts["--name"])
+    spec_dir = os.path.join(base, "kernels", name)
     os.makedirs(spec_dir, exist_ok=True)
-    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}"],
-            "display_name": f"Python 3 ({opts['--name']})", "language": "python",
+    # interrupt_mode "message": Jupyter interrupts with interrupt_request on control rather than
+    # SIGINT to our process group, the same way a console attached with --existing must.
+    spec = {"argv": [sys.executable, os.path.abspath(__file__), "-f", "{connection_file}",
+                     *["--show-messages"] * trace],
+            "display_name": f"{DISPLAY_NAME} ({name})", "language": LANGUAGE_INFO["name"],
             "interrupt_mode": "message", "metadata": {"debugger": False}}
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=2)
-    print(f"Installed kernelspec {opts['--name']} in {spec_dir}")
+    print(f"Installed kernelspec {name} in {spec_dir}")
 
 
 def remove_connection_file():
@@ -1328,7 +1768,7 @@ def remove_connection_file():
             os.remove(kernel["connection_file"])
 
 
-def serve(path: Optional[str], ip: str):
+def serve(path: Optional[str], ip: str, show_messages: bool):
     "Bind the five sockets, start the threads, and run shell requests until shutdown."
     parent = os.getppid()  # now, before the connection file tells the launcher we are up
     if path and os.path.exists(path):
@@ -1354,23 +1794,36 @@ def serve(path: Optional[str], ip: str):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
+              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+              f"    jupyter console --existing {kernel['connection_file']}\n"
+              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
+              file=sys.__stdout__, flush=True)
+    if show_messages:
+        kernel["trace"] = True
+        log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
     sys.modules["minikernel"] = me  # so `import minikernel` finds this one, as matplotlib does
     sys.meta_path.insert(0, HookOnImport)  # see Optional integrations
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
+        sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
     user.__dict__.update(__builtins__=builtins, display=display, clear_output=clear_output,
                          __magic__=magic, exit=ask_exit, quit=ask_exit)
-    sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
+    sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
+    capture_fds()
+    os.register_at_fork(after_in_child=in_forked_child)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)  # every signal also writes a byte here: see recv_interruptibly
     signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: leave())
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
-               (iopub_ticker, sockets["iopub"])]
+               (iopub_ticker, sockets["iopub"]), (forward_fds,)]
     if os.environ.get("JPY_PARENT_PID"):
         threads.append((watch_parent, parent))
     # Threads inherit the signal mask of the thread that starts them. Started with SIGINT and
@@ -1380,13 +1833,6 @@ def serve(path: Optional[str], ip: str):
         threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     status("starting")
-    if kernel["wrote_file"]:
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
-              f"    python miniconsole.py --existing\n"
-              f"    jupyter console --existing {kernel['connection_file']}\n"
-              f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
-              file=sys.__stdout__, flush=True)
     code = 0
     try:
         serve_shell(sockets["shell"])
@@ -1394,6 +1840,7 @@ def serve(path: Optional[str], ip: str):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        force_exit_soon()
         code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
@@ -1403,7 +1850,7 @@ def serve(path: Optional[str], ip: str):
     sockets["stdin"].close()
     ctx.term()  # waits for control and hb to close, and for queued messages to leave
     remove_connection_file()
-    os._exit(code)  # user threads that never end must not keep a shut-down kernel alive
+    sys.exit(code)  # a normal exit, as a Python script's: atexit handlers run, open files flush
 
 
 def main(argv: list):
@@ -1412,7 +1859,7 @@ def main(argv: list):
     if command == "install":
         install(opts)
     else:
-        serve(opts["-f"], opts["--ip"])
+        serve(opts["-f"], opts["--ip"], opts["--show-messages"])
 
 
 if __name__ == "__main__":
