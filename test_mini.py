@@ -2281,7 +2281,7 @@ def lab(tmp_path_factory):
         path.mkdir(parents=True)
     # Nothing from the network: no news feed, no update check, no PyPI listing of extensions.
     (dirs["config"] / "jupyter_server_config.json").write_text(json.dumps({"LabApp": {
-        "news_url": None, "extension_manager": "readonly",
+        "news_url": None, "extension_manager": "readonly", "expose_app_in_browser": True,
         "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"}}))
     (notification / "notification.jupyterlab-settings").write_text(  # and no toast asking
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
@@ -2344,11 +2344,13 @@ class Notebook:
             "name": "minikernel", "display_name": "Python 3 (minikernel)", "language": "python"}})
         nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
         nbformat.write(nb, str(lab["notebooks"] / f"{name}.ipynb"))
-        # ?reset opens this notebook alone, in a fresh workspace.
-        driver.get(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={lab['token']}")
+        # Opened in its own tab, as a double click in the file browser does: the page stays.
+        self.panel = "[id='{}']".format(driver.execute_script(
+            "return jupyterapp.commands.execute('docmanager:open', {path: arguments[0]})"
+            ".then(widget => widget.id)", f"{name}.ipynb"))
         self.wait(lambda d: len(self.cells()) == len(cells) and all(
-            e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, ".jp-Cell .cm-content")),
-                  f"the {len(cells)} cells")
+            cell.find_element(By.CSS_SELECTOR, ".cm-content").is_displayed()
+            for cell in self.cells()), f"the {len(cells)} cells")
         self.wait_idle()
 
     def wait(self, condition, what: str):
@@ -2360,7 +2362,7 @@ class Notebook:
             pytest.fail(f"never saw {what} within {PAGE_WAIT} s; the page: {path}")
 
     def cells(self) -> list:
-        return self.driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell")
+        return self.driver.find_elements(By.CSS_SELECTOR, f"{self.panel} .jp-Cell")
 
     def css(self, i: int, selector: str, what: str):
         "The first element matching selector in cell i, once it is there."
@@ -2393,7 +2395,7 @@ class Notebook:
     def toolbar(self, command: str):
         "Click the notebook toolbar's button for a Lab command."
         self.driver.find_element(
-            By.CSS_SELECTOR, f".jp-NotebookPanel-toolbar [data-command='{command}']").click()
+            By.CSS_SELECTOR, f"{self.panel} [data-command='{command}']").click()
 
     def shot(self, check: str) -> str:
         "Save what the page shows now; print where."
@@ -2403,10 +2405,19 @@ class Notebook:
         return path
 
 
+@pytest.fixture(scope="module")
+def lab_page(lab, browser):
+    "JupyterLab loaded once, in a fresh workspace; its app object is on the page for tests."
+    browser.get(f"{lab['url']}/lab?reset&token={lab['token']}")
+    WebDriverWait(browser, PAGE_WAIT).until(lambda d: d.execute_script(
+        "return window.jupyterapp && jupyterapp.restored.then(() => true)"))
+    return browser
+
+
 @pytest.fixture()
-def notebook(lab, browser, screenshots, request):
+def notebook(lab, lab_page, screenshots, request):
     "Open a notebook of the given cells, named after the test."
-    return lambda *cells: Notebook(browser, lab, screenshots, request.node.name, list(cells))
+    return lambda *cells: Notebook(lab_page, lab, screenshots, request.node.name, list(cells))
 
 
 def test_lab_runs_a_cell_and_shows_its_output(notebook):
@@ -2508,7 +2519,7 @@ def test_lab_slider_dragged_and_set_from_a_cell(notebook):
 
 def test_lab_interact_renders_and_reruns_f(notebook):
     nb = notebook("import matplotlib.pyplot as plt\nfrom ipywidgets import interact\n\n"
-                  "def f(x):\n    print('f ran with x =', x)\n"
+                  "def f(x):\n    print('f ran with x =', x)\n    plt.figure(figsize=(6, 3))\n"
                   "    plt.plot([i * i for i in range(x + 1)])\n    plt.show()\n\n"
                   "interact(f, x=(0, 10));")
     nb.run(0)
@@ -2520,7 +2531,8 @@ def test_lab_interact_renders_and_reruns_f(notebook):
     x = nb.wait(lambda d: readout.text != "5" and readout.text, "the readout change")
     out = nb.output(0, f"f ran with x = {x}")
     assert out.count("f ran") == 1, out  # f re-ran, into an output cleared first
-    assert len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".widget-output img")) == 1
+    nb.wait(lambda d: len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".widget-output img")) == 1,
+            "one figure, drawn again")
     nb.shot("reran")
 
 
