@@ -97,6 +97,7 @@ kernel = {
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
     "starting": False,  # the main thread took a shell request and has not yet run its code
     "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
+    "in_sigint": False,  # on_sigint is running: a signal that comes meanwhile adds nothing
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
@@ -1307,16 +1308,24 @@ sigint_taken = threading.Event()  # the main thread has run on_sigint (see inter
 
 def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
-    sigint_taken.set()
-    if kernel["exiting"]:
-        raise SystemExit(0)
-    # Not in user code, it is for the request being started, or for one already waiting on
-    # shell (an interrupt_request sent right after its execute_request can overtake it), or
-    # for nothing: it came after its cell ended. The main thread owns shell, so may poll it.
-    kernel["interrupted"] = (kernel["running"] or kernel["starting"]
-                             or bool(kernel["sockets"]["shell"].poll(0)))
-    if not kernel["sending"]:
-        interrupt_now()
+    # A handler is Python code, so the next signal can run it again from inside itself; in a
+    # storm of them that nested without end (RecursionError). The one running speaks for all.
+    if kernel["in_sigint"]:
+        return
+    kernel["in_sigint"] = True
+    try:
+        sigint_taken.set()
+        if kernel["exiting"]:
+            raise SystemExit(0)
+        # Not in user code, it is for the request being started, or for one already waiting
+        # on shell (an interrupt_request sent right after its execute_request can overtake it),
+        # or for nothing: it came after its cell ended. The main thread owns shell: may poll it.
+        kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                                 or bool(kernel["sockets"]["shell"].poll(0)))
+        if not kernel["sending"]:
+            interrupt_now()
+    finally:
+        kernel["in_sigint"] = False
 
 
 def interrupt_now():
