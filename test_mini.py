@@ -2298,8 +2298,8 @@ def lab(tmp_path_factory):
         deadline = time.monotonic() + PAGE_WAIT
         while True:
             try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT)
-                break
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT):
+                    break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
