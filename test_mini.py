@@ -3019,9 +3019,9 @@ def test_a_stopped_attached_kernel_is_a_stall_not_a_death(any_own_kernel, env):
             child.expect([STALL, "died", pexpect.EOF], timeout=4)
     finally:
         os.kill(any_own_kernel.proc.pid, signal.SIGCONT)
-    child.sendline("")
+    child.sendline("print(before)")
+    child.expect("kept")
     child.expect(PROMPT)
-    assert "kept" in type_line(child, "print(before)")
     assert leave(child) == 0
 
 
@@ -3045,7 +3045,8 @@ def test_a_stopped_kernel_the_console_started_is_waited_for(own_console, env):
     child.expect(PROMPT)
     type_line(child, "before = 'kept'")
     kernel_proc = psutil.Process(child.pid).children()[0]
-    child.sendline("import time; time.sleep(1); print('after', before)")
+    child.sendline("import time; print('start' + 'ed'); time.sleep(2); print('after', before)")
+    child.expect("started")
     kernel_proc.suspend()
     try:
         child.expect(STALL, timeout=10)
@@ -3062,11 +3063,19 @@ def test_a_stopped_kernel_the_console_started_is_waited_for(own_console, env):
     assert child.exitstatus == miniconsole.KERNEL_DIED
 
 
-def test_exit_in_a_cell_ends_the_console(any_kernel, env):
+def test_exit_in_a_cell_ends_the_console_and_the_kernel(any_own_kernel, env):
+    "As in jupyter console: exit() asks the frontend to stop the kernel, one we attached to too."
     result = piped(env, "print('before'); exit()\nprint('after')\n", "--existing",
-                   any_kernel.path)
+                   any_own_kernel.path)
     assert (result.returncode, result.stdout) == (0, "before\n"), result.stderr
-    assert any_kernel.alive()  # not ours: it stays
+    any_own_kernel.proc.wait(timeout=10)
+
+
+def test_quit_keep_kernel_in_a_cell_keeps_an_attached_kernel(any_own_kernel, env):
+    result = piped(env, "quit(keep_kernel=True)\nprint('after')\n", "--existing",
+                   any_own_kernel.path)
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert any_own_kernel.alive()
 
 
 def test_quit_keep_kernel_in_a_cell_keeps_the_kernel_we_started(own_console, env):
