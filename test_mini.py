@@ -2234,7 +2234,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 ################ JupyterLab in headless Chromium: what a user sees, in a real browser
 
-# One JupyterLab server and one headless Chromium serve this section. Each test writes a notebook,
+# One JupyterLab server and one headless Chromium serve TestJupyterLab. Each test writes a notebook,
 # opens it in Lab, runs its cells with Shift+Enter or the toolbar, and checks the rendered page,
 # not the messages. Every check saves a screenshot in a folder the test prints (pytest -s shows
 # it). Chromium and chromedriver are the OS's (apt-get install chromium chromium-driver): without
@@ -2264,10 +2264,9 @@ def test_no_browser_skips_in_one_line_or_fails_where_required(monkeypatch):
         need_browser()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def lab(tmp_path_factory):
     "A JupyterLab server on loopback, in dirs of its own, with minikernel's kernelspec: its URL."
-    need_browser()
     root = tmp_path_factory.mktemp("lab")
     dirs = {name: root / name for name in ("runtime", "data", "config", "settings", "workspaces",
                                            "ipython", "notebooks")}
@@ -2299,8 +2298,8 @@ def lab(tmp_path_factory):
         deadline = time.monotonic() + PAGE_WAIT
         while True:
             try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT)
-                break
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT):
+                    break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
@@ -2315,9 +2314,10 @@ def lab(tmp_path_factory):
             server.wait()
 
 
-@pytest.fixture(scope="module")
-def browser(lab, tmp_path_factory):
+@pytest.fixture(scope="class")
+def browser(tmp_path_factory):
     "Headless Chromium driven by chromedriver, both given by path: Selenium Manager never runs."
+    need_browser()
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -2330,7 +2330,7 @@ def browser(lab, tmp_path_factory):
     driver.quit()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def screenshots(tmp_path_factory):
     return tmp_path_factory.mktemp("lab-screenshots")
 
@@ -2405,8 +2405,8 @@ class Notebook:
         return path
 
 
-@pytest.fixture(scope="module")
-def lab_page(lab, browser):
+@pytest.fixture(scope="class")
+def lab_page(browser, lab):
     "JupyterLab loaded once, in a fresh workspace; its app object is on the page for tests."
     browser.get(f"{lab['url']}/lab?reset&token={lab['token']}")
     WebDriverWait(browser, PAGE_WAIT).until(lambda d: d.execute_script(
@@ -2415,77 +2415,9 @@ def lab_page(lab, browser):
 
 
 @pytest.fixture()
-def notebook(lab, lab_page, screenshots, request):
+def notebook(lab_page, lab, screenshots, request):
     "Open a notebook of the given cells, named after the test."
     return lambda *cells: Notebook(lab_page, lab, screenshots, request.node.name, list(cells))
-
-
-def test_lab_runs_a_cell_and_shows_its_output(notebook):
-    nb = notebook("print('hello from', 6 * 7)\n'done'")
-    nb.run(0)
-    assert "hello from 42" in nb.output(0, "hello from 42")
-    assert nb.prompt(0) == "[1]:"
-    nb.css(0, ".jp-OutputArea-executeResult", "the Out of the cell")
-    nb.shot("output")
-
-
-def test_lab_input_shows_a_box_and_takes_the_answer(notebook):
-    nb = notebook("name = input('Your name? ')\nprint('Hello,', name)")
-    nb.run(0, wait=False)
-    box = nb.css(0, ".jp-Stdin-input", "an input box")
-    assert "Your name?" in nb.output(0, "Your name?")
-    nb.shot("input-box")
-    box.send_keys("Ada", Keys.ENTER)
-    assert "Hello, Ada" in nb.output(0, "Hello, Ada")
-    nb.shot("answered")
-
-
-def test_lab_interrupt_from_the_toolbar_stops_a_sleep(notebook):
-    nb = notebook("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
-    nb.run(0, wait=False)
-    nb.output(0, "sleeping")
-    assert nb.prompt(0) == "[*]:"
-    nb.toolbar("notebook:interrupt-kernel")
-    assert "KeyboardInterrupt" in nb.output(0, "KeyboardInterrupt")
-    nb.wait_idle()
-    nb.shot("interrupted")
-
-
-def test_lab_restart_from_the_toolbar_gives_a_new_kernel(notebook):
-    nb = notebook("import os\nx = 1\nprint('pid', os.getpid())",
-                  "import os\nprint('pid', os.getpid())\nx")
-    nb.run(0)
-    first = nb.output(0, "pid")
-    nb.toolbar("notebook:restart-kernel")
-    nb.wait(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"),
-            "the restart dialog")[0].click()
-    nb.wait_idle()
-    nb.run(1)
-    assert "NameError" in nb.output(1, "NameError")
-    assert nb.prompt(1) == "[1]:"  # a new kernel counts from 1
-    assert first.split()[1] != nb.output(1).split()[1]  # in a new process
-    nb.shot("restarted")
-
-
-def test_lab_shows_a_matplotlib_figure(notebook):
-    nb = notebook("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
-    nb.run(0)
-    image = nb.css(0, ".jp-RenderedImage img", "a figure")
-    assert nb.wait(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 100,
-                   "the figure drawn")
-    assert len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")) == 1
-    nb.shot("figure")
-
-
-def test_lab_renders_ipython_display_html_as_html(notebook):
-    nb = notebook("from IPython.display import HTML, display\n"
-                  "display(HTML('<table><tr><td>rendered</td><td><b>as HTML</b></td></tr>"
-                  "</table>'))")
-    nb.run(0)
-    bold = nb.css(0, ".jp-RenderedHTMLCommon table td b", "a table element")
-    assert bold.text == "as HTML"
-    assert "<" not in nb.output(0, "rendered")  # elements, not their escaped source
-    nb.shot("html")
 
 
 def drag(nb: Notebook, handle, pixels: int):
@@ -2493,47 +2425,119 @@ def drag(nb: Notebook, handle, pixels: int):
     ActionChains(nb.driver).click_and_hold(handle).move_by_offset(pixels, 0).release().perform()
 
 
-def test_lab_slider_dragged_and_set_from_a_cell(notebook):
-    nb = notebook("import ipywidgets as widgets\nseen = []\n"
-                  "slider = widgets.IntSlider(value=20, description='n')\n"
-                  "slider.observe(lambda change: seen.append(change['new']), 'value')\nslider",
-                  "print('value', slider.value, 'seen', seen)",
-                  "slider.value = 77")
-    nb.run(0)
-    handle = nb.css(0, ".noUi-handle", "the slider's handle")
-    readout = nb.css(0, ".widget-readout", "the slider's readout")
-    assert readout.text == "20"
-    nb.shot("slider")
-    drag(nb, handle, 60)
-    dragged = nb.wait(lambda d: readout.text != "20" and readout.text, "the readout change")
-    nb.run(1)
-    out = nb.output(1, f"value {dragged} ")
-    assert out.endswith(f"{dragged}]"), out  # the observe callback saw the last value
-    nb.shot("dragged")
-    left = handle.location["x"]
-    nb.run(2)
-    nb.wait(lambda d: readout.text == "77", "the readout show 77")
-    assert handle.location["x"] > left  # the handle moved too
-    nb.shot("set-from-a-cell")
+class TestJupyterLab:
+    "The browser tests: a class, so that Lab and Chromium stop when its last test ends."
+
+    def test_lab_runs_a_cell_and_shows_its_output(self, notebook):
+        nb = notebook("print('hello from', 6 * 7)\n'done'")
+        nb.run(0)
+        assert "hello from 42" in nb.output(0, "hello from 42")
+        assert nb.prompt(0) == "[1]:"
+        nb.css(0, ".jp-OutputArea-executeResult", "the Out of the cell")
+        nb.shot("output")
 
 
-def test_lab_interact_renders_and_reruns_f(notebook):
-    nb = notebook("import matplotlib.pyplot as plt\nfrom ipywidgets import interact\n\n"
-                  "def f(x):\n    print('f ran with x =', x)\n    plt.figure(figsize=(6, 3))\n"
-                  "    plt.plot([i * i for i in range(x + 1)])\n    plt.show()\n\n"
-                  "interact(f, x=(0, 10));")
-    nb.run(0)
-    handle = nb.css(0, ".noUi-handle", "the slider interact made")
-    readout = nb.css(0, ".widget-readout", "its readout")
-    nb.output(0, "f ran with x = 5")
-    nb.css(0, ".widget-output .jp-RenderedImage img", "f's figure")
-    drag(nb, handle, 40)
-    x = nb.wait(lambda d: readout.text != "5" and readout.text, "the readout change")
-    out = nb.output(0, f"f ran with x = {x}")
-    assert out.count("f ran") == 1, out  # f re-ran, into an output cleared first
-    nb.wait(lambda d: len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".widget-output img")) == 1,
-            "one figure, drawn again")
-    nb.shot("reran")
+    def test_lab_input_shows_a_box_and_takes_the_answer(self, notebook):
+        nb = notebook("name = input('Your name? ')\nprint('Hello,', name)")
+        nb.run(0, wait=False)
+        box = nb.css(0, ".jp-Stdin-input", "an input box")
+        assert "Your name?" in nb.output(0, "Your name?")
+        nb.shot("input-box")
+        box.send_keys("Ada", Keys.ENTER)
+        assert "Hello, Ada" in nb.output(0, "Hello, Ada")
+        nb.shot("answered")
+
+
+    def test_lab_interrupt_from_the_toolbar_stops_a_sleep(self, notebook):
+        nb = notebook("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        nb.run(0, wait=False)
+        nb.output(0, "sleeping")
+        assert nb.prompt(0) == "[*]:"
+        nb.toolbar("notebook:interrupt-kernel")
+        assert "KeyboardInterrupt" in nb.output(0, "KeyboardInterrupt")
+        nb.wait_idle()
+        nb.shot("interrupted")
+
+
+    def test_lab_restart_from_the_toolbar_gives_a_new_kernel(self, notebook):
+        nb = notebook("import os\nx = 1\nprint('pid', os.getpid())",
+                      "import os\nprint('pid', os.getpid())\nx")
+        nb.run(0)
+        first = nb.output(0, "pid")
+        nb.toolbar("notebook:restart-kernel")
+        nb.wait(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"),
+                "the restart dialog")[0].click()
+        nb.wait_idle()
+        nb.run(1)
+        assert "NameError" in nb.output(1, "NameError")
+        assert nb.prompt(1) == "[1]:"  # a new kernel counts from 1
+        assert first.split()[1] != nb.output(1).split()[1]  # in a new process
+        nb.shot("restarted")
+
+
+    def test_lab_shows_a_matplotlib_figure(self, notebook):
+        nb = notebook("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+        nb.run(0)
+        image = nb.css(0, ".jp-RenderedImage img", "a figure")
+        assert nb.wait(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 100,
+                       "the figure drawn")
+        assert len(nb.cells()[0].find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")) == 1
+        nb.shot("figure")
+
+
+    def test_lab_renders_ipython_display_html_as_html(self, notebook):
+        nb = notebook("from IPython.display import HTML, display\n"
+                      "display(HTML('<table><tr><td>rendered</td><td><b>as HTML</b></td></tr>"
+                      "</table>'))")
+        nb.run(0)
+        bold = nb.css(0, ".jp-RenderedHTMLCommon table td b", "a table element")
+        assert bold.text == "as HTML"
+        assert "<" not in nb.output(0, "rendered")  # elements, not their escaped source
+        nb.shot("html")
+
+
+    def test_lab_slider_dragged_and_set_from_a_cell(self, notebook):
+        nb = notebook("import ipywidgets as widgets\nseen = []\n"
+                      "slider = widgets.IntSlider(value=20, description='n')\n"
+                      "slider.observe(lambda change: seen.append(change['new']), 'value')\nslider",
+                      "print('value', slider.value, 'seen', seen)",
+                      "slider.value = 77")
+        nb.run(0)
+        handle = nb.css(0, ".noUi-handle", "the slider's handle")
+        readout = nb.css(0, ".widget-readout", "the slider's readout")
+        nb.wait(lambda d: readout.text == "20", "the readout show 20")
+        nb.shot("slider")
+        drag(nb, handle, 60)
+        nb.wait(lambda d: readout.text != "20", "the readout change")
+        nb.run(1)
+        value = nb.output(1, "value ").split()[1]
+        assert readout.text == value != "20"  # the kernel has the value the page shows
+        assert nb.output(1).endswith(f"{value}]")  # and the observe callback saw it last
+        nb.shot("dragged")
+        left = handle.location["x"]
+        nb.run(2)
+        nb.wait(lambda d: readout.text == "77", "the readout show 77")
+        nb.wait(lambda d: handle.location["x"] > left, "the handle move right")
+        nb.shot("set-from-a-cell")
+
+
+    def test_lab_interact_renders_and_reruns_f(self, notebook):
+        nb = notebook("import matplotlib.pyplot as plt\nfrom ipywidgets import interact\n\n"
+                      "def f(x):\n    print('f ran with x =', x)\n    plt.figure(figsize=(6, 3))\n"
+                      "    plt.plot([i * i for i in range(x + 1)])\n    plt.show()\n\n"
+                      "interact(f, x=(0, 10));")
+        nb.run(0)
+        handle = nb.css(0, ".noUi-handle", "the slider interact made")
+        readout = nb.css(0, ".widget-readout", "its readout")
+        nb.output(0, "f ran with x = 5")
+        nb.css(0, ".widget-output .jp-RenderedImage img", "f's figure")
+        drag(nb, handle, 40)
+        x = nb.wait(lambda d: readout.text != "5" and readout.text, "the readout change")
+        nb.wait(lambda d: nb.output(0, f"f ran with x = {x}").count("f ran") == 1,
+                "f re-run, into an output cleared first")
+        figures = lambda d: nb.cells()[0].find_elements(By.CSS_SELECTOR, ".widget-output img")
+        nb.wait(lambda d: len(figures(d)) == 1, "one figure, drawn again")
+        nb.shot("reran")
 
 
 ################ miniconsole: an isolated Jupyter environment, and kernels in it
