@@ -2284,8 +2284,9 @@ def lab(tmp_path_factory):
         "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"}}))
     (notification / "notification.jupyterlab-settings").write_text(  # and no toast asking
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    subprocess.run([sys.executable, KERNEL, "install", "--user"], env=env, check=True,
-                   capture_output=True)
+    for trace in ([], ["--show-messages"]):  # minikernel, and minikernel-trace
+        subprocess.run([sys.executable, KERNEL, "install", "--user", *trace], env=env,
+                       check=True, capture_output=True)
     port, token = free_port(), uuid.uuid4().hex
     with open(root / "lab.log", "w") as log:
         server = subprocess.Popen(
@@ -2304,7 +2305,7 @@ def lab(tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
                 time.sleep(0.2)
-        yield {"url": url, "token": token, "notebooks": dirs["notebooks"]}
+        yield {"url": url, "token": token, "notebooks": dirs["notebooks"], "log": root / "lab.log"}
     finally:
         server.terminate()  # it shuts its kernels down
         try:
@@ -2338,10 +2339,11 @@ def screenshots(tmp_path_factory):
 class Notebook:
     "A notebook open in JupyterLab, worked as a user works it."
 
-    def __init__(self, driver, lab: dict, folder, name: str, cells: list):
+    def __init__(self, driver, lab: dict, folder, name: str, cells: list, kernel="minikernel"):
         self.driver, self.folder, self.name = driver, folder, name
+        self.display_name = f"Python 3 ({kernel})"
         nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
-            "name": "minikernel", "display_name": "Python 3 (minikernel)", "language": "python"}})
+            "name": kernel, "display_name": self.display_name, "language": "python"}})
         nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
         nbformat.write(nb, str(lab["notebooks"] / f"{name}.ipynb"))
         # Opened in its own tab, as a double click in the file browser does: the page stays.
@@ -2375,7 +2377,7 @@ class Notebook:
     def wait_idle(self):
         "Wait for the status bar to say what the kernel is doing: nothing."
         self.wait(lambda d: d.find_element(By.CSS_SELECTOR, "[title^='Change kernel for']").text
-                  == "Python 3 (minikernel) | Idle", "the kernel idle")
+                  == f"{self.display_name} | Idle", "the kernel idle")
 
     def run(self, i: int, wait=True):
         "Click into cell i and press Shift+Enter; wait for its prompt to show a number."
@@ -2417,7 +2419,8 @@ def lab_page(browser, lab):
 @pytest.fixture()
 def notebook(lab_page, lab, screenshots, request):
     "Open a notebook of the given cells, named after the test."
-    return lambda *cells: Notebook(lab_page, lab, screenshots, request.node.name, list(cells))
+    return lambda *cells, **kw: Notebook(lab_page, lab, screenshots, request.node.name,
+                                         list(cells), **kw)
 
 
 def drag(nb: Notebook, handle, pixels: int):
@@ -2427,6 +2430,43 @@ def drag(nb: Notebook, handle, pixels: int):
 
 class TestJupyterLab:
     "The browser tests: a class, so that Lab and Chromium stop when its last test ends."
+
+    def test_lab_talk_as_the_kernels_show_messages_trace_shows_it(self, notebook, lab):
+        "A cell, a Tab and an interrupt from JupyterLab, seen from the kernel's side of the wire."
+        nb = notebook("print(6 * 7)", "import time\ntime.sleep(60)", "pri",
+                      kernel="minikernel-trace")
+        start = lab["log"].stat().st_size
+        nb.run(0)
+        nb.output(0, "42")
+        nb.cells()[2].find_element(By.CSS_SELECTOR, ".cm-content").click()
+        ActionChains(nb.driver).send_keys(Keys.END, Keys.TAB).perform()
+        nb.wait(lambda d: "print" in d.find_element(By.CSS_SELECTOR, ".jp-Completer").text,
+                "the completer offering print")
+        ActionChains(nb.driver).send_keys(Keys.ESCAPE).perform()
+        nb.run(1, wait=False)
+        nb.wait(lambda d: nb.prompt(1) == "[*]:", "cell 1 running")
+        nb.toolbar("notebook:interrupt-kernel")
+        nb.output(1, "KeyboardInterrupt")
+        nb.wait_idle()
+        with open(lab["log"], encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            lines = [m.group(0) for m in map(TRACE_LINE.match, f.read().splitlines()) if m]
+        path = nb.folder / "lab-talk.txt"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"transcript: {path}")
+        seen = [tuple(TRACE_LINE.match(line).groups()[:3]) for line in lines]
+        cell = seen.index(("shell", "<-", "execute_request"))
+        assert seen[cell : cell + 6] == [
+            ("shell", "<-", "execute_request"), ("iopub", "->", "status"),
+            ("iopub", "->", "execute_input"), ("iopub", "->", "stream"),
+            ("shell", "->", "execute_reply"), ("iopub", "->", "status")]
+        tab = seen.index(("shell", "<-", "complete_request"))
+        assert ("shell", "->", "complete_reply") in seen[tab:]
+        stop = seen.index(("control", "<-", "interrupt_request"))
+        assert seen[stop + 1 : stop + 3] == [("iopub", "->", "status"),
+                                               ("control", "->", "interrupt_reply")]
+        assert any("KeyboardInterrupt" in line for line in lines[stop:])
+        nb.shot("interrupted")
 
     def test_lab_runs_a_cell_and_shows_its_output(self, notebook):
         nb = notebook("print('hello from', 6 * 7)\n'done'")
