@@ -1303,18 +1303,22 @@ def serve_shell(shell: zmq.Socket):
 # whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
 # handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
 
-sigint_taken = threading.Event()  # the main thread has run on_sigint (see interrupt_request)
+# How many SIGINTs the main thread has taken (see interrupt_request). A count, not an Event:
+# Event.set takes a lock, and a second SIGINT whose handler ran inside the first one's set
+# would wait for that lock for good, or nest deeper with every signal of a storm.
+sigints = {"taken": 0}
 
 
 def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
-    # A handler is Python code, so the next signal can run it again from inside itself; in a
-    # storm of them that nested without end (RecursionError). The one running speaks for all.
+    # A handler is Python code, so the next signal can run it again from inside itself (at a
+    # call, such as shell.poll); in a storm that nested without end. The one running speaks
+    # for all.
     if kernel["in_sigint"]:
         return
     kernel["in_sigint"] = True
     try:
-        sigint_taken.set()
+        sigints["taken"] += 1
         if kernel["exiting"]:
             raise SystemExit(0)
         # Not in user code, it is for the request being started, or for one already waiting
@@ -1400,10 +1404,12 @@ def interrupt_request(msg: dict) -> dict:
     # the call returns; if the main thread was waiting for the GIL there, that window lasts
     # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
     # the call.
-    sigint_taken.clear()
     for _ in range(2):
+        before, deadline = sigints["taken"], time.monotonic() + 0.1
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        if sigint_taken.wait(0.1):
+        while sigints["taken"] == before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if sigints["taken"] != before:
             break
     return {"status": "ok"}
 

@@ -4445,7 +4445,8 @@ def test_fuzz(tmp_path, channel):
                 assert results == [repr(answer)]  # no forged input_reply was taken
             assert_serving(k, c)  # the shell's and control's replies queue behind the fuzz
             if channel != "stdin":
-                errors += check_replies(expected, replies_by_case(c.stash))
+                errors += check_replies(expected, replies_by_case(  # late replies to nudges aside
+                    [m for m in c.stash if m["parent_header"].get("msg_id") not in c.nudges]))
                 replied += len(expected)
             c.stash.clear()
             c.drain_iopub()  # every iopub message the fuzz caused is well formed and signed
@@ -5136,9 +5137,11 @@ def test_interrupts_during_an_output_flood_never_corrupt_iopub(hard_kernel):
     c = Client(hard_kernel.conn)
     try:
         c.wait_ready(hard_kernel)
-        # stdout and stderr by turns: every flush sends many runs, which an interrupt in the
-        # middle of a flush would drop
-        body = "i += 1; sys.stdout.write(f'o{i}\\n'); sys.stderr.write(f'e{i}\\n')"
+        # stdout and now and then stderr: every flush sends several runs, which an interrupt in
+        # the middle of a flush would drop. Long lines, so that few messages carry a lot (a
+        # subscriber more than 1,000 messages behind loses some: zmq's high-water mark).
+        body = ("i += 1; sys.stdout.write(f'o{i} ' + 'x' * 1000 + '\\n'); "
+                "i % 8 or sys.stderr.write(f'e{i}\\n')")
         sent, reply, seen, bad, texts = sigint_storm(hard_kernel, c, body, 2.5)
         figure("SIGINT storm during output flood", f"{sent} SIGINTs, {seen} iopub messages, "
                f"{len(bad)} malformed")
@@ -5146,10 +5149,10 @@ def test_interrupts_during_an_output_flood_never_corrupt_iopub(hard_kernel):
         assert not bad, bad[:3]
         counts = storm_counts(c)
         for name, mark in (("stdout", "o"), ("stderr", "e")):
-            got = [int(line.removeprefix(mark)) for line in texts[name].splitlines()]
+            got = [int(line.split()[0].removeprefix(mark)) for line in texts[name].splitlines()]
             assert got == sorted(set(got)) and got[-1] <= counts["i"], name  # in order, once
             # Each interrupt may stop one turn before it wrote its line, and that is all.
-            missing = counts["i"] - len(got)
+            missing = (counts["i"] // (8 if name == "stderr" else 1)) - len(got)
             assert missing <= counts["caught"] + 1, (name, missing, counts)
         figure("lines lost to interrupts during the flood",
                f"{counts['i'] - len(texts['stdout'].splitlines())} of {counts['i']} "
