@@ -988,12 +988,15 @@ def serve_shell(shell: zmq.Socket):
 # whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
 # handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
 
-sigint_taken = threading.Event()  # the main thread has run on_sigint (see interrupt_request)
+# How many SIGINTs the main thread has taken (see interrupt_request). A counter, not an Event:
+# handlers nest when signals come fast, and a handler inside Event.set() holds its lock, so a
+# nested one would wait for that lock forever, nesting deeper with every signal.
+sigints_taken = [0]
 
 
 def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
-    sigint_taken.set()
+    sigints_taken[0] += 1
     if kernel["exiting"]:
         raise SystemExit(0)
     kernel["interrupted"] = True
@@ -1060,10 +1063,12 @@ def interrupt_request(msg: dict) -> dict:
     # the call returns; if the main thread was waiting for the GIL there, that window lasts
     # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
     # the call.
-    sigint_taken.clear()
     for _ in range(2):
+        before, deadline = sigints_taken[0], time.monotonic() + 0.1
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        if sigint_taken.wait(0.1):
+        while sigints_taken[0] == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if sigints_taken[0] != before:
             break
     return {"status": "ok"}
 
