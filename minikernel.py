@@ -56,6 +56,7 @@ import contextlib
 import getpass
 import hmac
 import io
+import itertools
 import json
 import os
 import re
@@ -76,6 +77,8 @@ __version__ = "0.1.0"
 USER = os.environ.get("USER", "username")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CELLS_KEPT = 1000  # a long session keeps the history and source lines of its last 1,000 cells
+
 # What the threads share. main() fills in the sockets and session; the shell handlers keep
 # the rest up to date as requests come and go.
 kernel = {
@@ -84,12 +87,16 @@ kernel = {
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
     "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
+    "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
+    # or a comm message whose callback runs): what output belongs to
+    "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
-    "history": [],  # [(N, code, text/plain of Out[N] or None)]
+    "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
-    "sending": False,  # the main thread is between the frames of a message: no raising now
+    "starting": False,  # the main thread took a shell request and has not yet run its code
+    "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
@@ -98,6 +105,7 @@ kernel = {
     "loop": None,  # the event loop that cells with a top-level await run on, made by the first
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
+me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
 
 
 def log(line: str):
@@ -197,20 +205,28 @@ def write_connection_file(path: str, conn: dict):
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-REPLAY_MEMORY = 2**16  # how many signatures to remember, to reject a replayed message
+# Made once: json.dumps with options builds an encoder per call, a microsecond each time.
+ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
+# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
-    "One end's signing state: its key, its session id and the signatures it has seen."
+    "One end's state: key, session id, message count, last parent sent, signatures seen."
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "order": deque()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "count": itertools.count(), "parent": (None, b""),
+            "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
     "A message as the four dicts; parent_header is the whole header of the request it answers."
-    header = {"msg_id": uuid.uuid4().hex, "session": session["id"], "username": USER,
+    # Unique as the spec asks, like jupyter_client's: a random session id and a count (a uuid4
+    # per message would cost a syscall and 3 µs).
+    header = {"msg_id": f"{session['id']}_{next(session['count'])}", "session": session["id"],
+              "username": USER,
               "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
               "msg_type": msg_type, "version": PROTOCOL_VERSION}
     return {"header": header, "parent_header": parent or {}, "metadata": {}, "content": content}
@@ -226,12 +242,23 @@ def sign(session: dict, parts: list) -> bytes:
     return h.hexdigest().encode()
 
 
-def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
-    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+def json_frame(d: dict) -> bytes:
+    "One dict as a frame of JSON."
     # UTF-8 rather than \uXXXX escapes: smaller, and quicker to encode. A lone surrogate has no
     # UTF-8, so backslashreplace writes it as the \udXXX escape that JSON would have used.
-    parts = [json.dumps(msg[k], default=str, ensure_ascii=False).encode(errors="backslashreplace")
-             for k in DICTS]
+    return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+
+
+def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
+    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    # Shaped for speed: the 3 to 5 messages that answer a request all have its header as their
+    # parent, so the JSON of the last parent is kept (a header never changes once made).
+    parent, (last, last_json) = msg["parent_header"], session["parent"]
+    if parent is not last:
+        last_json = json_frame(parent)
+        session["parent"] = (parent, last_json)  # one tuple: other threads see both or neither
+    parts = [json_frame(msg["header"]), last_json, json_frame(msg["metadata"]),
+             json_frame(msg["content"])]
     return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
 
 
@@ -246,14 +273,14 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        if signature in session["seen"]:
+        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
             raise ValueError("bad signature")
-        session["seen"].add(signature)
-        session["order"].append(signature)
-        if len(session["order"]) > REPLAY_MEMORY:
-            session["seen"].discard(session["order"].popleft())
+        session["seen"].add(seen)
+        if len(session["seen"]) >= REPLAY_MEMORY // 2:
+            session["seen_before"], session["seen"] = session["seen"], set()
     try:
         msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
     except RecursionError:
@@ -262,10 +289,18 @@ def from_frames(session: dict, frames: list) -> dict:
         raise ValueError("header, parent_header, metadata and content must be JSON objects")
     if not isinstance(msg["header"].get("msg_type"), str):
         raise ValueError("header has no msg_type")
-    if any(isinstance(v, (dict, list)) for v in msg["header"].values()):  # it is echoed back
-        raise ValueError("header values must be plain strings or numbers")
+    if nested_deeper(msg["header"], HEADER_DEPTH):  # echoed back: it must serialize again
+        raise ValueError(f"header nested more than {HEADER_DEPTH} deep")
     msg["ids"], msg["buffers"] = frames[:i], frames[i + 6 :]
     return msg
+
+
+def nested_deeper(value, levels: int) -> bool:
+    "Do lists and objects nest more than `levels` deep in this JSON value?"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and (levels == 0 or any(nested_deeper(v, levels - 1)
+                                                           for v in value))
 
 
 ################ Heartbeat: proof of life
@@ -290,6 +325,12 @@ def heartbeat(hb: zmq.Socket):
 # owner is a lock: whoever holds iopub_lock may touch the iopub socket and the output buffer.
 # A ticker thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish
 # buffered output, so a long-running cell's prints arrive while it runs.
+#
+# A signal handler or a finalizer (__del__) runs in whatever thread it interrupts, maybe one
+# that holds the lock and is halfway through a message. A plain Lock would deadlock it there;
+# iopub_lock is re-entrant, so it gets in, and the one rule that keeps the frames whole is that
+# a send never starts inside another. While a send is under way, a nested write only adds to
+# the buffer, and a nested message joins the queue that the send under way empties.
 
 FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
@@ -298,30 +339,59 @@ FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream 
 # thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
 PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
-iopub_lock = threading.RLock()  # re-entrant: a __str__ that prints must not deadlock a flush
-output = {"runs": [], "size": 0, "sent": 0}  # runs: [[name, [text, ...]], ...] in write order
+iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
+output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
+          "queue": deque(), "sending": False}  # messages to send, and a send is under way
 
 
-def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = ""):
-    "Broadcast on iopub: [topic, <IDS|MSG>, signature, header, parent, metadata, content]."
-    iopub, session = kernel["sockets"]["iopub"], kernel["session"]
-    if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-        msg = new_msg(session, msg_type, content, parent)
-        trace("->", "iopub", msg)
-        topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
-        send_whole(iopub, to_frames(session, msg, [topic.encode()]))
+def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
+               **extra):
+    "Broadcast: [topic, <IDS|MSG>, signature, header, parent, metadata, content, buffers...]."
+    session = kernel["session"]
+    msg = {**new_msg(session, msg_type, content, parent), **extra}  # metadata, buffers
+    trace("->", "iopub", msg)
+    topic = topic or f"kernel.{msg_type}"  # frontends subscribe to b"": every topic
+    output["queue"].append(to_frames(session, msg, [topic.encode()]))
+    if not output["sending"]:  # else the send under way in this thread sends it after its own
+        with sending():
+            pass  # the queue goes out as the send ends
+
+
+@contextlib.contextmanager
+def sending():
+    "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
+    output["sending"] = True
+    try:
+        with uninterrupted():
+            yield
+            send_queued()
+    finally:
+        output["sending"] = False
+
+
+def send_queued():
+    "Send what the queue holds, oldest first (inside sending())."
+    iopub, queue = kernel["sockets"]["iopub"], output["queue"]
+    while queue:
+        frames = queue.popleft()
+        if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
+            send_frames(iopub, frames)
 
 
 def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
+    if output["sending"]:  # nested in a send (see iopub_lock): the text waits in the buffer
+        return
     read_fds()  # what C code or a subprocess wrote before now goes out now too
-    runs, output["runs"], output["size"] = output["runs"], [], 0
-    for name, texts in runs:
-        text = "".join(texts)
-        output["sent"] += len(text)
-        for i in range(0, len(text), PIECE_SIZE):
-            piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
-            send_iopub("stream", piece, kernel["parent"]["header"])
+    with sending():
+        runs, output["runs"], output["size"] = output["runs"], [], 0
+        for name, texts in runs:
+            text = "".join(texts)
+            output["sent"] += len(text)
+            for i in range(0, len(text), PIECE_SIZE):
+                piece = {"name": name, "text": text[i : i + PIECE_SIZE]}
+                send_iopub("stream", piece, kernel["cell"])
+                send_queued()  # each piece as it is made: a huge print never holds all its frames
 
 
 def give_back_memory():
@@ -336,11 +406,11 @@ def give_back_memory():
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def publish(msg_type: str, content: dict, parent: Optional[dict] = None):
+def publish(msg_type: str, content: dict, parent: Optional[dict] = None, **extra):
     "Broadcast a message, after any output printed before it, so frontends see them in order."
     with iopub_lock:
         flush_output()
-        send_iopub(msg_type, content, parent)
+        send_iopub(msg_type, content, parent, **extra)
 
 
 def status(state: str, parent: Optional[dict] = None):
@@ -382,6 +452,8 @@ class Stream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if kernel["silent"]:  # silent code broadcasts nothing
+            return len(text)
         with iopub_lock:
             buffer_output(self.name, text)
             if output["size"] >= FLUSH_SIZE:
@@ -413,7 +485,8 @@ def buffer_output(name: str, text: str):
 
 REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
          "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
-         "_repr_latex_": "text/latex", "_repr_json_": "application/json"}
+         "_repr_latex_": "text/latex", "_repr_json_": "application/json",
+         "_repr_javascript_": "application/javascript"}
 
 
 def mimebundle(obj) -> tuple[dict, dict]:
@@ -426,36 +499,75 @@ def mimebundle(obj) -> tuple[dict, dict]:
             value = getattr(obj, method)()
         except Exception:  # no such repr, or a broken one: text/plain still stands
             continue
-        if isinstance(value, tuple):  # (data, metadata)
-            value, metadata[mime] = value
-        if isinstance(value, bytes):  # images travel as base64 text inside JSON
-            import base64
-            value = base64.b64encode(value).decode()
-        if value is not None:
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            value, metadata[mime] = value  # (data, metadata)
+        if (value := fit(mime, value)) is not None:
             data[mime] = value
+        else:
+            metadata.pop(mime, None)
     try:
         bundle = obj._repr_mimebundle_(include=None, exclude=None)
     except Exception:
         return data, metadata
-    bundle, extra = bundle if isinstance(bundle, tuple) else (bundle, {})
-    data.update(bundle or {})
-    metadata.update(extra or {})
+    bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
+    if isinstance(bundle, dict) and isinstance(extra, dict):
+        data.update(bundle)
+        metadata.update(extra)
     return data, metadata
 
 
-def display(*objs, display_id: Optional[str] = None, update: bool = False):
-    "Show objects below the cell; with display_id, update=True replaces that earlier display."
+def fit(mime: str, value):
+    "A rich repr's value as JSON carries it, or None if it has the wrong type for its mimetype."
+    # An object that answers every attribute (a mock, an RPC proxy) returns objects, not reprs.
+    if mime == "application/json":
+        return value if isinstance(value, (dict, list)) else None
+    if mime in ("image/png", "image/jpeg") and isinstance(value, bytes):
+        import base64  # images travel as base64 text inside JSON
+        return base64.b64encode(value).decode()
+    return value if isinstance(value, str) else None  # text, or an image already in base64
+
+
+def display(*objs, display_id=None, update: bool = False, raw: bool = False,
+            metadata: Optional[dict] = None, include: Sequence[str] = ()):
+    """Show objects below the cell (raw: they are mimebundles already). With display_id (True
+    makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
+    display_id = uuid.uuid4().hex if display_id is True else display_id
+    if update and not display_id:
+        raise ValueError("display(..., update=True) needs the display_id of the display to update")
     transient = {"display_id": display_id} if display_id else {}
     for obj in objs:
-        data, metadata = mimebundle(obj)
-        publish("update_display_data" if update else "display_data",
-                {"data": data, "metadata": metadata, "transient": transient},
-                kernel["parent"]["header"])
+        data, md = (obj, {}) if raw else mimebundle(obj)
+        if include:  # IPython's display_html() and the like: that mimetype only
+            data = {mime: value for mime, value in data.items() if mime in include}
+        if not kernel["silent"]:  # silent code broadcasts nothing
+            publish("update_display_data" if update else "display_data",
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
+    return DisplayHandle(display_id) if display_id else None
+
+
+def update_display(obj, *, display_id: str, **kwargs):
+    "Replace the display that has this display_id."
+    display(obj, display_id=display_id, update=True, **kwargs)
+
+
+class DisplayHandle:
+    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
+
+    def __init__(self, display_id: str):
+        self.display_id = display_id
+
+    def display(self, obj, **kwargs):
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj, **kwargs):
+        update_display(obj, display_id=self.display_id, **kwargs)
 
 
 def clear_output(wait: bool = False):
     "Clear this cell's output now, or (wait=True) just before the next output arrives."
-    publish("clear_output", {"wait": wait}, kernel["parent"]["header"])
+    if not kernel["silent"]:
+        publish("clear_output", {"wait": wait}, kernel["cell"])
 
 
 ################ stdin: input() answered by a frontend
@@ -480,7 +592,8 @@ def input_request(prompt: str = "", password: bool = False) -> str:
                   parent["header"])
     trace("->", "stdin", msg)
     try:
-        send_whole(stdin, to_frames(session, msg, parent["ids"]))
+        with uninterrupted():
+            send_frames(stdin, to_frames(session, msg, parent["ids"]))
     except zmq.ZMQError:  # ROUTER_MANDATORY: that frontend has no stdin socket connected
         raise StdinNotImplementedError("input(): no frontend is listening on stdin") from None
     while True:
@@ -490,8 +603,11 @@ def input_request(prompt: str = "", password: bool = False) -> str:
             log(f"stdin: dropped a message: {e}")
             continue
         trace("<-", "stdin", reply)
-        if reply["header"]["msg_type"] == "input_reply":
-            break
+        if reply["header"]["msg_type"] != "input_reply":
+            continue
+        if reply["parent_header"].get("msg_id", msg["header"]["msg_id"]) == msg["header"]["msg_id"]:
+            break  # ours, or one without a parent (jupyter_client sends none): take it
+        log("stdin: dropped a stale input_reply, to an earlier input_request")
     value = reply["content"].get("value", "")
     if value == "\x04":  # Ctrl-D at the frontend's prompt
         raise EOFError("EOF from the frontend")
@@ -597,7 +713,7 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import linecache
 
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
-    kernel["running"] = True
+    kernel["running"], kernel["starting"] = True, False
     try:
         interrupt_now()  # an interrupt that came while this request was on its way
         source, quiet = transform(code)
@@ -607,22 +723,28 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         codes = [compile(tree, name, "exec", flags)]
         if last is not None:
             codes.append(compile(ast.Expression(last.value), name, "eval", flags))
-        value = run_code(codes)
-        if value is None or silent or quiet:
-            return None, None
-        user._ = value
-        data, metadata = mimebundle(value)
-        publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
-                                   "metadata": metadata}, kernel["parent"]["header"])
-        return None, data["text/plain"]
+        try:
+            value = run_code(codes)
+            if value is None or silent or quiet:
+                return None, None
+            user._ = value
+            data, metadata = mimebundle(value)
+            publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
+                                       "metadata": metadata}, kernel["parent"]["header"])
+            return None, data["text/plain"]
+        finally:  # what the cell drew, even if it then failed, as ipykernel shows it
+            show_figures()
     except BaseException as e:  # the user's KeyboardInterrupt and SystemExit included
         kernel["running"] = False  # at once: a second Ctrl-C must not break the error report
         if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
             raise
         if isinstance(e, LeaveDebugger):  # it left pdb (and its trace function): now it is
             e = KeyboardInterrupt().with_traceback(e.__traceback__)  # what the user did
+        if not isinstance(e, UsageError):  # %debug debugs the user's code, not a magic's misuse
+            remember_for_debug(e)
         error = error_content(e)
-        publish("error", error, kernel["parent"]["header"])
+        if not silent:
+            publish("error", error, kernel["parent"]["header"])
         return error, None
     finally:
         kernel["running"] = False
@@ -672,19 +794,27 @@ class UsageError(Exception):
     "A magic was misused: shown as one line, without a traceback."
 
 
-def error_content(e: BaseException) -> dict:
-    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+def remember_for_debug(e: BaseException):
+    "Keep an exception of the user's code for %debug, as the Python prompt does (sys.last_*)."
     tb = e.__traceback__
     while tb and tb.tb_frame.f_code.co_filename == __file__:  # start %debug in the user's code
         tb = tb.tb_next
     sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb or e.__traceback__
+
+
+def error_content(e: BaseException) -> dict:
+    "An exception as frontends show it: ename, evalue, and the traceback without our frames."
+    try:
+        evalue = str(e)
+    except Exception:  # its __str__ raised; the traceback module says the same
+        evalue = "<exception str() failed>"
     if isinstance(e, UsageError):
-        return {"ename": "UsageError", "evalue": str(e), "traceback": [f"UsageError: {e}"]}
+        return {"ename": "UsageError", "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
     import traceback  # imported on first use: only errors need it
 
     te = traceback.TracebackException(type(e), e, e.__traceback__)
     hide_kernel_frames(te)
-    return {"ename": type(e).__name__, "evalue": str(e),
+    return {"ename": type(e).__name__, "evalue": evalue,
             "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
 
 
@@ -698,6 +828,148 @@ def hide_kernel_frames(te):
             hide_kernel_frames(chained)
 
 
+################ Comms: an object in the kernel and one in a frontend, talking
+
+# A comm pairs an object here with one in a frontend: an ipywidgets slider and its view, say.
+# Either side opens it, naming a target; then both send comm_msg, and either closes it. The
+# kernel's comm messages go out on iopub, so every frontend hears them; a frontend's come in
+# on shell, one at a time between cells. Binary data, an image or an array, travels as
+# buffers: raw frames after the four dicts, outside the signature.
+#   comm_open  {comm_id, target_name, data}   comm_msg {comm_id, data}   comm_close {comm_id, data}
+# This module is the comm package's "comm manager": the `comm` hook (see Optional
+# integrations) hands it to comm users, who call register_target() and create Comms.
+
+comms = {}  # comm_id -> Comm: the open comms, whichever side opened them
+targets = {}  # target_name -> handler(comm, comm_open msg), for comms a frontend opens
+
+
+class Comm:
+    "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
+
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
+
+    def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
+                 metadata: Optional[dict] = None, buffers: Sequence = (),
+                 comm_id: Optional[str] = None, primary: bool = True,
+                 target_module: Optional[str] = None):
+        self.comm_id, self.target_name = comm_id or uuid.uuid4().hex, target_name
+        self.msg_callback = self.close_callback = None
+        self.closed = False
+        comms[self.comm_id] = self
+        if primary:  # opened here, not by a frontend: tell the frontends
+            self.open(data, metadata, buffers, target_module)
+
+    def publish(self, msg_type: str, data, metadata, buffers, **fields):
+        "A comm message on iopub, from the request being handled now; buffers as raw frames."
+        publish(msg_type, {"comm_id": self.comm_id, "data": data or {}, **fields},
+                kernel["parent"]["header"], metadata=metadata or {}, buffers=list(buffers or ()))
+
+    def open(self, data=None, metadata=None, buffers=(), target_module=None):
+        self.publish("comm_open", data, metadata, buffers, target_name=self.target_name,
+                     target_module=target_module)
+
+    def send(self, data=None, metadata=None, buffers=()):
+        self.publish("comm_msg", data, metadata, buffers)
+
+    def close(self, data=None, metadata=None, buffers=()):
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
+            self.closed = True
+            comms.pop(self.comm_id, None)
+            self.publish("comm_close", data, metadata, buffers)
+
+    def on_msg(self, callback):
+        self.msg_callback = callback
+
+    def on_close(self, callback):
+        self.close_callback = callback
+
+    def handle_msg(self, msg: dict):
+        if self.msg_callback:
+            self.msg_callback(msg)
+
+    def handle_close(self, msg: dict):
+        if self.close_callback:
+            self.close_callback(msg)
+
+
+def register_target(target_name: str, handler):
+    "Call handler(comm, msg) when a frontend opens a comm to target_name."
+    targets[target_name] = handler
+
+
+def get_parent() -> dict:
+    "The request being handled, as ipykernel's kernel.get_parent() gives it."
+    return kernel["parent"]
+
+
+def comm_callback(f, *args) -> bool:
+    "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
+    msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
+    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
+    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
+    try:
+        f(*args)
+        return True
+    except (Exception, KeyboardInterrupt) as e:
+        kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
+        show_error(e, f"{msg['header']['msg_type']} callback failed")
+        return False
+    finally:
+        kernel["running"] = False
+
+
+def show_error(e: BaseException, what: str):
+    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    error = error_content(e)
+    log(f"{what}:\n" + "\n".join(error["traceback"]))
+    publish("error", error, kernel["parent"]["header"])
+
+
+def comm_info_request(msg: dict) -> dict:
+    "Which comms are open, and their targets: all, or those of the target_name asked for."
+    wanted = msg["content"].get("target_name")
+    return {"status": "ok", "comms": {comm_id: {"target_name": comm.target_name}
+                                      for comm_id, comm in comms.items()
+                                      if wanted in (None, comm.target_name)}}
+
+
+def comm_open(msg: dict):
+    "A frontend opens a comm: our end goes to its target's handler; no such target, we close it."
+    c = msg["content"]
+    handler = targets.get(c["target_name"])
+    if handler is None:  # closed at once, so that the frontend does not wait
+        log(f"comm_open: no comm target {c['target_name']!r}, comm {c['comm_id']!r} closed")
+        publish("comm_close", {"comm_id": c["comm_id"], "data": {}}, msg["header"])
+        return
+    comm = Comm(c["target_name"], comm_id=c["comm_id"], primary=False)
+    if not comm_callback(handler, comm, msg):
+        comm.close()
+
+
+def comm_msg(msg: dict):
+    "Data for one of our comms: its on_msg callback gets the whole message, buffers included."
+    if comm := known_comm(msg):
+        comm_callback(comm.handle_msg, msg)
+
+
+def comm_close(msg: dict):
+    "A frontend closed a comm: forget it, and tell its on_close callback."
+    if comm := known_comm(msg):
+        comm.closed = True
+        del comms[comm.comm_id]
+        comm_callback(comm.handle_close, msg)
+
+
+def known_comm(msg: dict) -> Optional[Comm]:
+    "The comm a message is for; an unknown comm_id is logged, and the message dropped."
+    comm_id = msg["content"]["comm_id"]
+    if comm_id not in comms:
+        log(f"{msg['header']['msg_type']} for unknown comm_id {comm_id!r}: dropped")
+    return comms.get(comm_id)
+
+
 ################ Shell handlers: one request in, one reply out
 
 # Each handler takes a request and returns its reply's content, built right there; dispatch()
@@ -708,31 +980,50 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
                  "codemirror_mode": {"name": "ipython", "version": 3},
                  "nbconvert_exporter": "python"}
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug; obj? and obj?? for help; !cmd for the shell.")
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
 DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
 
 
 def execute_request(msg: dict) -> dict:
     "Run a cell: execute_input, then its outputs on iopub, then this reply."
     c = msg["content"]
-    code, silent = c["code"], c.get("silent", False)
+    code, silent = c.get("code"), bool(c.get("silent", False))
+    expressions = c.get("user_expressions") or {}
+    if not isinstance(code, str) or not isinstance(expressions, dict):  # nothing runs
+        kernel["starting"] = False
+        return execute_reply("error", ename="TypeError", traceback=[], evalue=(
+            "execute_request needs code as a string and user_expressions as an object"))
     store = c.get("store_history", True) and not silent
     n = kernel["execution_count"]
     if not silent:
+        kernel["cell"] = msg["header"]
         publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
-    kernel["payload"] = []
-    error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source with no file
+    kernel["payload"], kernel["silent"] = [], silent
+    try:
+        error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
+    finally:
+        with iopub_lock:
+            read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
+        kernel["silent"] = False
     if store:
-        kernel["history"].append((n, code, result))
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
         kernel["execution_count"] += 1
-    count = kernel["execution_count"] - 1  # this cell's N, or the last stored one's when silent
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
         if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
             kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
-        return {"status": "error", "execution_count": count, **error}
-    expressions = {k: user_expression(v) for k, v in c.get("user_expressions", {}).items()}
-    return {"status": "ok", "execution_count": count, "payload": kernel["payload"],
-            "user_expressions": expressions}
+        return execute_reply("error", kernel["payload"], **error)
+    return execute_reply("ok", kernel["payload"],
+                         {k: user_expression(v) for k, v in expressions.items()})
+
+
+def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
+                  **error) -> dict:
+    "An execute_reply with every field, whatever the status (the count: this cell's, or the last)."
+    return {"status": status, "execution_count": kernel["execution_count"] - 1,
+            "payload": list(payload), "user_expressions": expressions or {}, **error}
 
 
 def user_expression(expr: str) -> dict:
@@ -740,7 +1031,7 @@ def user_expression(expr: str) -> dict:
     try:
         data, metadata = mimebundle(eval(expr, user.__dict__))
         return {"status": "ok", "data": data, "metadata": metadata}
-    except Exception as e:
+    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
         return {"status": "error", **error_content(e)}
 
 
@@ -754,7 +1045,7 @@ def drain(sock: zmq.Socket) -> list:
 
 def aborted_execute(msg: dict) -> dict:
     "An execute_request queued behind a failed cell is not run (stop_on_error)."
-    return {"status": "aborted", "execution_count": kernel["execution_count"] - 1}
+    return execute_reply("aborted")
 
 
 def kernel_info_request(msg: dict) -> dict:
@@ -802,10 +1093,10 @@ def complete_request(msg: dict) -> dict:
         if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
             names = module_names(base)
         elif dot:
-            names = dir(resolve(base))
+            names = interruptible(dir, resolve(base))
         else:
             names = [*user.__dict__, *dir(builtins), *keyword.kwlist]
-    except Exception:  # nothing by that name: nothing to offer
+    except (Exception, KeyboardInterrupt):  # nothing by that name, or interrupted: nothing
         names = []
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
@@ -834,10 +1125,21 @@ def inspect_request(msg: dict) -> dict:
     if not name.strip("."):  # "print(|": help on the function being called
         name = word_before(code[:pos].rstrip().removesuffix("("))
     try:
-        text = describe(resolve(name.strip(".")), name, msg["content"].get("detail_level", 0))
-    except Exception:
+        text = interruptible(describe, resolve(name.strip(".")), name,
+                             msg["content"].get("detail_level", 0))
+    except (Exception, KeyboardInterrupt):
         return {"status": "ok", "found": False, "data": {}, "metadata": {}}
     return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+
+def interruptible(function, *args):
+    "Call a function that runs user code (a __dir__, a __repr__): an interrupt stops it."
+    kernel["running"] = True
+    try:
+        interrupt_now()  # one that came while this request was on its way
+        return function(*args)
+    finally:
+        kernel["running"] = False
 
 
 def describe(obj, name: str, detail: int) -> str:
@@ -870,21 +1172,29 @@ def is_complete_request(msg: dict) -> dict:
         with warnings.catch_warnings():  # a SyntaxWarning here is not the user's output
             warnings.simplefilter("ignore")
             compiled = compile_command(source, "<cell>", "exec")
-    except (SyntaxError, ValueError, OverflowError):
-        return {"status": "invalid"}
+            statements = ast.parse(source).body if compiled else []
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
+        return {"status": "invalid"}  # the last two: too long or deep for the parser
     last = code.split("\n")[-1]  # the indent to offer is the typed one, before dedenting
     indent = last[: len(last) - len(last.lstrip())]
     if compiled is None:  # an open bracket, or a block that has no body yet
         return {"status": "incomplete", "indent": indent + "    " * last.rstrip().endswith(":")}
-    if source.split("\n")[-1][:1] in (" ", "\t") and last.strip():  # in a block: a blank line
-        return {"status": "incomplete", "indent": indent}  # ends it
+    in_block = source.split("\n")[-1][:1] in (" ", "\t") and last.strip()
+    if in_block and statements and has_body(statements[-1]):
+        # inside an indented block (not just a line continued in brackets): a blank line ends it
+        return {"status": "incomplete", "indent": indent}
     return {"status": "complete"}
+
+
+def has_body(statement) -> bool:
+    "Is this a compound statement (if, for, def, with, ...), one that a blank line ends?"
+    return any(hasattr(statement, field) for field in ("body", "cases"))  # cases: match
 
 
 def history_request(msg: dict) -> dict:
     "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
     import fnmatch
-    c, rows = msg["content"], kernel["history"]
+    c, rows = msg["content"], list(kernel["history"])
     kind = c.get("hist_access_type")
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows
@@ -905,14 +1215,10 @@ def history_request(msg: dict) -> dict:
     return {"status": "ok", "history": entries}
 
 
-def comm_info_request(msg: dict) -> dict:
-    "Which comms are open: none, since this kernel registers no comm targets."
-    return {"status": "ok", "comms": {}}
-
-
-def comm_open(msg: dict):
-    "A frontend wants a comm to a target we don't have: close it, so it does not wait."
-    publish("comm_close", {"comm_id": msg["content"]["comm_id"], "data": {}}, msg["header"])
+def connect_request(msg: dict) -> dict:
+    "Where the kernel listens (deprecated in the spec, still answered): its five ports."
+    return {"status": "ok", **{f"{name}_port": kernel["connection"][f"{name}_port"]
+                               for name in CHANNELS}}
 
 
 SHELL_HANDLERS = {
@@ -923,9 +1229,10 @@ SHELL_HANDLERS = {
     "is_complete_request": is_complete_request,
     "history_request": history_request,
     "comm_info_request": comm_info_request,
+    "connect_request": connect_request,
     "comm_open": comm_open,
-    "comm_msg": lambda msg: None,  # no comm is ever open: nothing to deliver it to
-    "comm_close": lambda msg: None,
+    "comm_msg": comm_msg,
+    "comm_close": comm_close,
 }
 
 
@@ -942,16 +1249,23 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
     reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
 
     def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
+        with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
+            flush_output()
         reply = new_msg(session, reply_type, content, header)
         trace("->", channel, reply)
         return to_frames(session, reply, msg["ids"])
 
     if channel == "shell":
         kernel["parent"] = msg
+        if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
+            kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
     status("busy", header)
     reply = None
     try:
-        if msg_type not in handlers:
+        if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
+            reply = answer({"status": "error", "ename": "NotImplementedError", "traceback": [],
+                            "evalue": f"{msg_type} is not supported by minikernel on {channel}"})
+        elif msg_type not in handlers:
             log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
         elif (content := handlers[msg_type](msg)) is not None and reply_type:
             reply = answer(content)  # serialized here: a reply that cannot be is an error too
@@ -960,7 +1274,8 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
         error = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
         reply = answer(error) if reply_type else None
     if reply:
-        sock.send_multipart(reply)
+        with uninterrupted():  # in the main thread, a whole reply or none
+            send_frames(sock, reply)
     if output["sent"] > TRIM_AFTER:  # after the reply, before idle: idle means all done
         give_back_memory()
     status("idle", header)
@@ -975,8 +1290,9 @@ def serve_shell(shell: zmq.Socket):
         if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
             signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
         frames = recv_interruptibly(shell)
-        kernel["interrupted"] = False  # one that came while idle is forgotten
+        kernel["starting"] = True  # an interrupt from now on is for this request (on_sigint)
         dispatch("shell", shell, frames, SHELL_HANDLERS)
+        kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
         queued, kernel["queued"] = kernel["queued"], []
         for frames in queued:  # behind a failed cell: answered, but no code runs
             dispatch("shell", shell, frames, ABORT_HANDLERS)
@@ -999,7 +1315,11 @@ def on_sigint(signum, frame):
     sigints_taken[0] += 1
     if kernel["exiting"]:
         raise SystemExit(0)
-    kernel["interrupted"] = True
+    # Not in user code, it is for the request being started, or for one already waiting on
+    # shell (an interrupt_request sent right after its execute_request can overtake it), or
+    # for nothing: it came after its cell ended. The main thread owns shell, so may poll it.
+    kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                             or bool(kernel["sockets"]["shell"].poll(0)))
     if not kernel["sending"]:
         interrupt_now()
 
@@ -1011,16 +1331,30 @@ def interrupt_now():
         raise KeyboardInterrupt
 
 
-def send_whole(sock: zmq.Socket, frames: list):
-    "Send a message; in the main thread, an interrupt waits until its last frame is out."
-    if threading.current_thread() is not threading.main_thread():  # signals reach main only
-        return sock.send_multipart(frames)
-    kernel["sending"] = True  # raised between two frames, it would leave half a message
+@contextlib.contextmanager
+def uninterrupted():
+    "In the main thread, an interrupt that comes inside waits until the end."
+    # Raised between two frames, it would leave half a message; raised while output taken
+    # from the buffer is being sent, it would drop the rest of it.
+    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
+        yield  # signals reach the main thread only; or we are inside already
+        return
+    kernel["sending"] = True
     try:
-        sock.send_multipart(frames)
+        yield
     finally:
         kernel["sending"] = False
     interrupt_now()
+
+
+SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list):
+    "sock.send_multipart(frames), shaped for speed: it ORs flag enums, 2 µs a frame; ints don't."
+    for frame in frames[:-1]:
+        sock.send(frame, SNDMORE)
+    sock.send(frames[-1])
 
 
 def recv_interruptibly(sock: zmq.Socket) -> list:
@@ -1035,9 +1369,8 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
             return sock.recv_multipart()
 
 
-def leave(reason: str):
+def leave():
     "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
-    log(f"shutting down: {reason}")
     kernel["exiting"] = True
     force_exit_soon()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -1095,14 +1428,15 @@ def serve_control(control: zmq.Socket):
         control.close()
         return
     control.close()  # its linger still delivers the shutdown_reply
-    leave("shutdown_request")
+    leave()
 
 
 def watch_parent(parent: int):
     "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
     while os.getppid() == parent:
         time.sleep(1)
-    leave("the parent process died")
+    log("the process that started this kernel died: shutting down")  # not a routine exit
+    leave()
 
 
 ################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
@@ -1200,8 +1534,122 @@ def ask_exit(keep_kernel: bool = False):
     kernel["payload"].append({"source": "ask_exit", "keepkernel": keep_kernel})
 
 
+def matplotlib_magic(arg: str):
+    "%matplotlib inline: accepted, and nothing to do: figures are inline already."
+    if arg.strip() not in ("", "inline"):
+        raise UsageError(f"%matplotlib {arg.strip()}: figures are inline here; for another"
+                         " backend, call matplotlib.use() before importing pyplot")
+
+
 MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pinfo": pinfo,
-          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system}
+          "pinfo2": lambda arg: pinfo(arg, detail=1), "system": system,
+          "matplotlib": matplotlib_magic}
+
+
+################ Optional integrations: comm, IPython.display and matplotlib, when imported
+
+# None of these is imported at startup, and the kernel needs none of them. A finder at the
+# head of sys.meta_path watches imports instead: when the user's code first imports one, the
+# real module loads as usual, then HOOKS points its hooks at this module, so that code written
+# for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
+# and shows itself through IPython.display.
+
+BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
+
+
+class HookOnImport:
+    "On sys.meta_path: find a module in HOOKS as the other finders do, and hook it once loaded."
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        if name not in HOOKS:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)  # old-style finders have none
+            if finder is not HookOnImport and find and (spec := find(name, path, target)):
+                break
+        else:
+            return None  # not installed: the ImportError the user expects
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            HOOKS[name](module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader, made for this import
+        return spec
+
+
+def hook_comm(comm):
+    "The comm package: its users create our Comms, and register targets with this module."
+    comm.create_comm, comm.get_comm_manager = Comm, lambda: me
+
+
+def hook_ipython_display(functions):
+    "IPython.display and the modules that import from it: display through minikernel."
+    functions.display, functions.clear_output = display, clear_output
+    functions.update_display, functions.publish_display_data = update_display, publish_data
+
+
+def publish_data(data: dict, metadata: Optional[dict] = None, source=None, *, transient=None,
+                 **kwargs):
+    "IPython's publish_display_data: a mimebundle, shown as it is."
+    display(data, raw=True, metadata=metadata, display_id=(transient or {}).get("display_id"),
+            **kwargs)
+
+
+def hook_matplotlib(matplotlib):
+    "matplotlib: figures inline, unless the user chose a backend (MPLBACKEND, or use() later)."
+    if "MPLBACKEND" not in os.environ:
+        matplotlib.use(BACKEND)
+
+
+def hook_ipywidgets(ipywidgets):
+    "ipywidgets: register its comm targets, and show its callbacks' errors (IPython's shell would)."
+    import logging  # ipywidgets has imported it already
+
+    ipywidgets.register_comm_target()
+    shown = logging.Handler(logging.WARNING)  # without a shell it logs them, to a NullHandler
+    shown.emit = lambda record: record.exc_info and show_error(record.exc_info[1],
+                                                               record.getMessage())
+    logging.getLogger("traitlets").addHandler(shown)  # the logger its widgets have
+
+
+HOOKS = {"comm": hook_comm, "IPython.core.display_functions": hook_ipython_display,
+         "matplotlib": hook_matplotlib, "ipywidgets": hook_ipywidgets}
+
+
+def __getattr__(name: str):
+    "The backend's FigureCanvas, looked up by matplotlib: imported only when pyplot asks."
+    if name == "FigureCanvas":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        globals()[name] = FigureCanvasAgg  # pyplot then copies this module's globals
+        return FigureCanvasAgg
+    raise AttributeError(f"module 'minikernel' has no attribute {name!r}")
+
+
+def show(block=None):
+    "plt.show(): every open figure as an image/png display_data, then closed."
+    import base64
+
+    from matplotlib import pyplot
+    from matplotlib._pylab_helpers import Gcf  # where pyplot keeps its figures, for backends
+
+    try:
+        for manager in Gcf.get_all_fig_managers():
+            png = io.BytesIO()
+            manager.canvas.figure.savefig(png, format="png", bbox_inches="tight")
+            display({"image/png": base64.b64encode(png.getvalue()).decode(),
+                     "text/plain": repr(manager.canvas.figure)}, raw=True)
+    finally:
+        pyplot.close("all")
+
+
+def show_figures():
+    "At the end of a cell: show the figures it drew and did not show, if we are the backend."
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot and pyplot.get_backend() == BACKEND:
+        show()
 
 
 ################ Output below Python: file descriptors 1 and 2, forwarded to the streams
@@ -1235,8 +1683,8 @@ def read_fds():
     "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
     for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
         with contextlib.suppress(BlockingIOError):  # nothing waiting
-            if text := decoder.decode(os.read(read_end, PIPE_READ)):
-                buffer_output(name, text)
+            if (text := decoder.decode(os.read(read_end, PIPE_READ))) and not kernel["silent"]:
+                buffer_output(name, text)  # (silent code broadcasts nothing, as in Stream.write)
 
 
 def in_forked_child():
@@ -1290,6 +1738,8 @@ Ctrl-C reaches running code only. To stop the kernel: a shutdown from a frontend
 """
 
 
+TRAITLETS_OPTION = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # --Class.trait=value
+
 # Each command's options with their defaults. A True/False one is a switch; the rest take a value.
 OPTIONS = {"serve": {"-f": None, "--ip": "127.0.0.1", "--show-messages": False},
            "install": {"--user": False, "--sys-prefix": False, "--prefix": None,
@@ -1305,7 +1755,11 @@ def parse_args(argv: list) -> tuple[str, dict]:
         if arg in ("-h", "--help"):
             print(HELP, end="")
             sys.exit(0)
-        if name not in opts:
+        if command == "serve" and eq and TRAITLETS_OPTION.fullmatch(name):
+            # jupyter_client takes a kernelspec named python3 for ipykernel, and nbclient then
+            # adds IPython's options, such as --HistoryManager.hist_file=:memory:
+            log(f"ignoring {arg}: an option for IPython, not minikernel")
+        elif name not in opts:
             usage_error(f"unknown argument {arg!r}")
         elif isinstance(opts[name], bool):
             opts[name] = True
@@ -1387,7 +1841,8 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
         log("--show-messages: <- received, -> sent; hb pings are raw bytes echoed in C, not shown")
 
     # The user's world: a fresh __main__, output to iopub, input from the frontend.
-    sys.modules["minikernel"] = sys.modules[__name__]  # so `import minikernel` finds this one
+    sys.modules["minikernel"] = me  # so `import minikernel` finds this one, as matplotlib does
+    sys.meta_path.insert(0, HookOnImport)  # see Optional integrations
     if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(HERE):  # run as a script:
         sys.path[0] = ""  # the working directory, as at `python -c` and in IPython, not our folder
     sys.modules["__main__"] = user  # so pickle finds classes defined in cells
@@ -1401,7 +1856,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)  # every signal also writes a byte here: see recv_interruptibly
     signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, lambda signum, frame: leave("SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: leave())
 
     threads = [(heartbeat, sockets["hb"]), (serve_control, sockets["control"]),
                (iopub_ticker, sockets["iopub"]), (forward_fds,)]
