@@ -1004,6 +1004,8 @@ def execute_request(msg: dict) -> dict:
     try:
         error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
     finally:
+        with iopub_lock:
+            read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
         kernel["silent"] = False
     if store:
         kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
@@ -1691,8 +1693,8 @@ def read_fds():
     "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
     for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
         with contextlib.suppress(BlockingIOError):  # nothing waiting
-            if text := decoder.decode(os.read(read_end, PIPE_READ)):
-                buffer_output(name, text)
+            if (text := decoder.decode(os.read(read_end, PIPE_READ))) and not kernel["silent"]:
+                buffer_output(name, text)  # (silent code broadcasts nothing, as in Stream.write)
 
 
 def in_forked_child():
