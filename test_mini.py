@@ -2476,8 +2476,9 @@ class TestJupyterLab:
         tab = seen.index(("shell", "<-", "complete_request"))
         assert ("shell", "->", "complete_reply") in seen[tab:]
         stop = seen.index(("control", "<-", "interrupt_request"))
-        assert seen[stop + 1 : stop + 3] == [("iopub", "->", "status"),
-                                               ("control", "->", "interrupt_reply")]
+        # The reply (control thread) and the cell's error (main thread) race: either may be first.
+        assert seen[stop + 1] == ("iopub", "->", "status")
+        assert ("control", "->", "interrupt_reply") in seen[stop:]
         assert any("KeyboardInterrupt" in line for line in lines[stop:])
         nb.shot("interrupted")
 
