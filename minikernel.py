@@ -526,11 +526,13 @@ def update_display(obj, *, display_id: str, **kwargs):
     display(obj, display_id=display_id, update=True, **kwargs)
 
 
-class DisplayHandle:
-    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
+class DisplayHandle(str):
+    """What display(..., display_id=...) returns: the id itself, so it can be passed as one,
+    with IPython's handle methods: update() replaces that display, display() adds one."""
 
-    def __init__(self, display_id: str):
-        self.display_id = display_id
+    @property
+    def display_id(self) -> str:
+        return str(self)
 
     def display(self, obj, **kwargs):
         display(obj, display_id=self.display_id, **kwargs)
@@ -881,6 +883,7 @@ def comm_callback(f, *args) -> bool:
     msg = args[-1]  # the message comes last
     # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
+    cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
     kernel["running"] = True
     try:
         f(*args)
@@ -891,13 +894,22 @@ def comm_callback(f, *args) -> bool:
         return False
     finally:
         kernel["running"] = False
+        output_belongs_to(cell)  # a thread of that cell prints there again
+
+
+def output_belongs_to(header: dict) -> dict:
+    "Send output from now on with this parent (what was printed before goes first); the old one."
+    with iopub_lock:
+        flush_output()
+        old, kernel["cell"] = kernel["cell"], header
+    return old
 
 
 def show_error(e: BaseException, what: str):
-    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    "An error outside a cell: its traceback on our log, and to where output goes now."
     error = error_content(e)
     log(f"{what}:\n" + "\n".join(error["traceback"]))
-    publish("error", error, kernel["parent"]["header"])
+    publish("error", error, kernel["cell"])
 
 
 def comm_info_request(msg: dict) -> dict:
