@@ -18,7 +18,7 @@ whose ports and signing key the kernel writes into a connection file:
 The console sends each cell on shell and waits for its execute_reply. Meanwhile it prints
 what iopub broadcasts (its own cell's output and, marked, other frontends' cells), answers
 input_request from the keyboard, turns Ctrl-C into interrupt_request on control, and watches
-hb, so that a dead kernel is noticed within seconds.
+hb, so that a dead kernel is noticed within seconds (a stopped one is waited for).
 
     python miniconsole.py                    start minikernel.py (beside this file), attach,
                                              and shut it down on exit (unless --keep-kernel)
@@ -29,9 +29,12 @@ hb, so that a dead kernel is noticed within seconds.
 
 The kernel decides when a cell is complete; Tab completes; history is kept. Ctrl-C interrupts
 a running cell, on any kernel, also one we did not start; at the prompt it clears the line.
-Ctrl-D, exit or quit leave; a kernel we did not start stays alive. Piped, cells come from
-stdin, input() takes the next line, only the cells' output is printed, and the exit status
-is 1 if any cell raised. Exit status 3: the kernel died. POSIX only: signals keep the console
+Ctrl-D, exit or quit leave; a kernel we did not start stays alive. exit() run in a cell (an
+ask_exit payload) stops the kernel too, as in jupyter console; quit(keep_kernel=True) keeps it.
+Piped, cells come from stdin (a blank line inside an indented block does not end it when the
+next line is still indented, as in a file), input() takes the next line, only the cells'
+output is printed, and the exit status is 1 if any cell raised. A silent heartbeat is reported
+once and waited out; exit status 3: the kernel died. POSIX only: signals keep the console
 watching while it waits for you to type.
 """
 
@@ -41,11 +44,13 @@ import contextlib
 import getpass
 import glob
 import hmac
+import itertools
 import json
 import os
 import re
 import readline
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +64,8 @@ import zmq
 
 USER = os.environ.get("USER", "username")
 TICK = 0.25  # seconds between looks at iopub and hb while we wait for a line
-HB_SILENCE = 1.5  # seconds without a heartbeat echo before the kernel counts as dead
+HB_SILENCE = 1.5  # seconds without a heartbeat echo before we look closer (see watch_kernel)
+COMPLETE_WAIT = 15.0  # seconds Tab waits: ipykernel's first (jedi) completion can take seconds
 OTHER = "[other frontend] "  # marks each line that another frontend's cell produced
 EXIT_COMMANDS = {"exit", "quit", "exit()", "quit()"}
 KERNEL_DIED = 3  # exit code; 1 means no kernel was found, or (piped) a cell raised
@@ -142,22 +148,28 @@ def start_kernel() -> tuple:
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
+# Made once: json.dumps with options builds an encoder per call, a microsecond each time.
+ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
 REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
 # half of them at least: they are kept in two halves, and the older half is forgotten whole)
 HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
 def new_session(key: str, scheme: str = "hmac-sha256") -> dict:
-    "One end's signing state: its key, its session id and the signatures it has seen."
+    "One end's state: key, session id, message count, last parent sent, signatures seen."
     if not scheme.startswith("hmac-"):
         raise ValueError(f"unsupported signature_scheme {scheme!r}")
     auth = hmac.new(key.encode(), digestmod=scheme[5:]) if key else None
-    return {"id": uuid.uuid4().hex, "auth": auth, "seen": set(), "seen_before": set()}
+    return {"id": uuid.uuid4().hex, "auth": auth, "count": itertools.count(), "parent": (None, b""),
+            "seen": set(), "seen_before": set()}
 
 
 def new_msg(session: dict, msg_type: str, content: dict, parent: Optional[dict] = None) -> dict:
     "A message as the four dicts; parent_header is the whole header of the request it answers."
-    header = {"msg_id": uuid.uuid4().hex, "session": session["id"], "username": USER,
+    # Unique as the spec asks, like jupyter_client's: a random session id and a count (a uuid4
+    # per message would cost a syscall and 3 µs).
+    header = {"msg_id": f"{session['id']}_{next(session['count'])}", "session": session["id"],
+              "username": USER,
               "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
               "msg_type": msg_type, "version": PROTOCOL_VERSION}
     return {"header": header, "parent_header": parent or {}, "metadata": {}, "content": content}
@@ -173,12 +185,23 @@ def sign(session: dict, parts: list) -> bytes:
     return h.hexdigest().encode()
 
 
-def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
-    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+def json_frame(d: dict) -> bytes:
+    "One dict as a frame of JSON."
     # UTF-8 rather than \uXXXX escapes: smaller, and quicker to encode. A lone surrogate has no
     # UTF-8, so backslashreplace writes it as the \udXXX escape that JSON would have used.
-    parts = [json.dumps(msg[k], default=str, ensure_ascii=False).encode(errors="backslashreplace")
-             for k in DICTS]
+    return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+
+
+def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
+    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    # Shaped for speed: the 3 to 5 messages that answer a request all have its header as their
+    # parent, so the JSON of the last parent is kept (a header never changes once made).
+    parent, (last, last_json) = msg["parent_header"], session["parent"]
+    if parent is not last:
+        last_json = json_frame(parent)
+        session["parent"] = (parent, last_json)  # one tuple: other threads see both or neither
+    parts = [json_frame(msg["header"]), last_json, json_frame(msg["metadata"]),
+             json_frame(msg["content"])]
     return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
 
 
@@ -307,6 +330,22 @@ class Client:
             hb.send(b"ping")  # a REQ socket alternates: the next ping only after this echo
         return time.monotonic() - self.last_echo < HB_SILENCE
 
+    def listening(self) -> bool:
+        "Does anything listen on the kernel's hb port still? A stopped kernel does; a dead one not."
+        info, port = self.info, self.info["hb_port"]
+        try:  # the operating system accepts a connection for a process that is stopped
+            if info.get("transport", "tcp") == "tcp":
+                socket.create_connection((info["ip"], port), timeout=1.0).close()
+            else:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(1.0)
+                    sock.connect(f"{info['ip']}-{port}")
+        except (ConnectionRefusedError, FileNotFoundError):  # nothing there: the kernel is gone
+            return False
+        except OSError:  # a timeout, no route: we cannot tell, so it may be alive
+            pass
+        return True
+
     def close(self) -> None:
         "Close our sockets. The kernel lives on."
         for sock in self.sockets.values():
@@ -336,7 +375,7 @@ def handshake(client: Client, timeout: float = 10.0) -> dict:
 ################ The console's state
 
 class KernelDied(Exception):
-    "hb went silent: the kernel process is gone, or stuck."
+    "The kernel is gone: its process exited, or nothing listens where it was."
 
 
 class Renumber(Exception):
@@ -346,8 +385,11 @@ class Renumber(Exception):
 class Console:
     "What the console knows between messages: its kernel, its mode, and what it is waiting for."
 
-    def __init__(self, client: Client, tty: bool, others: bool):
+    def __init__(self, client: Client, tty: bool, others: bool,
+                 kernel: Optional[subprocess.Popen] = None):
         self.client = client
+        self.kernel = kernel  # the kernel's process, if we started it
+        self.stalled = False  # the heartbeat went silent, and we said so
         self.tty = tty  # a terminal: prompts and readline; else piped, and only outputs
         self.others = others  # show what other frontends' cells do
         self.count = 1  # the execution_count of the next cell: In [count]
@@ -360,6 +402,9 @@ class Console:
         self.prompt = None  # the prompt being shown, to redraw after output that arrives meanwhile
         self.erased = False  # output has replaced it on the screen
         self.matches = []  # what Tab offers
+        self.pushed = None  # piped: a line read ahead, to be read again (see block_goes_on)
+        self.leaving = False  # a cell asked us to leave (exit(): an ask_exit payload)
+        self.keep = False  # and to keep the kernel running (quit(keep_kernel=True))
 
 
 ################ Reading a cell: prompts, is_complete, Tab, history
@@ -389,8 +434,28 @@ def read_cell(con: Console) -> Optional[str]:
             continue
         lines.append(line if line.strip() else "")  # an untouched indent counts as blank
         status, indent = is_complete(con, "\n".join(lines))
-        if status in ("complete", "invalid") or (status is None and not line.strip()):
+        ended = status in ("complete", "invalid") or (status is None and not line.strip())
+        if ended and (con.tty or line.strip() or not block_goes_on(con, lines)):
             return "\n".join(lines)  # invalid runs too: the kernel explains the error best
+
+
+def block_goes_on(con: Console, lines: list) -> bool:
+    "Piped, after a blank line: does the next line that is not blank go on with the block?"
+    # A script may have blank lines inside a function. At a terminal a blank line ends the
+    # block; from a file it does not, if the next line is still indented. So we read on.
+    blanks, line = [], ""
+    while not line.strip():
+        try:
+            line = read_line(con, "")
+        except EOFError:  # the script ends here
+            return False
+        blanks.append("")
+    blanks.pop()  # that one was the line itself
+    if line[:1] in (" ", "\t"):
+        lines += [*blanks, line]
+        return True
+    con.pushed = line  # the start of the next cell
+    return False
 
 
 def is_complete(con: Console, code: str) -> tuple:
@@ -407,7 +472,7 @@ def complete(con: Console, text: str, state: int) -> Optional[str]:
         con.matches = []
         line, begin, end = readline.get_line_buffer(), readline.get_begidx(), readline.get_endidx()
         reply = None if con.running else con.client.request(  # not while the kernel waits on stdin
-            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=2.0)
+            "shell", "complete_request", {"code": line, "cursor_pos": end}, timeout=COMPLETE_WAIT)
         content = reply["content"] if reply else {}
         for match in content.get("matches", []) if content.get("status") == "ok" else []:
             full = line[: content["cursor_start"]] + match  # the line as the kernel completes it
@@ -463,8 +528,7 @@ def run_cell(con: Console, code: str) -> Optional[dict]:
                 msg = con.client.recv(channel, 0) if con.client.sockets[channel] in ready else None
                 if msg:
                     handle(con, msg)
-            if not con.client.heartbeat():
-                raise KernelDied
+            watch_kernel(con)
             if con.interrupts > 1:  # the kernel ignored the first Ctrl-C; stop waiting for it
                 write(con, "stderr", "miniconsole: stopped waiting; the kernel may still run it\n")
                 return None
@@ -480,17 +544,21 @@ def on_reply(con: Console, msg: dict) -> None:
 
 
 def show_reply(con: Console, reply: dict) -> None:
-    "What the execute_reply adds: success or not, the next execution_count, and page payloads."
+    "What the execute_reply adds: success or not, the next execution_count, and its payloads."
     content = reply["content"]
     con.failed |= content.get("status") != "ok"
     if isinstance(content.get("execution_count"), int):
         con.count = content["execution_count"] + 1
     try:  # e.g. [{"source": "page", "data": {"text/plain": "..."}}] for obj?
-        pages = [bundle(p["data"]) for p in content.get("payload", []) if p["source"] == "page"]
+        payload = content.get("payload", [])
+        pages = [bundle(p["data"]) for p in payload if p["source"] == "page"]
+        exits = [p for p in payload if p["source"] == "ask_exit"]  # exit() or quit() in a cell
     except (KeyError, TypeError, AttributeError) as e:
         return write(con, "stderr", f"miniconsole: could not show the reply's payload: {e!r}\n")
     for page in pages:
         write(con, "stdout", page + "\n")
+    for ask in exits:  # as jupyter console: the kernel stops too, unless quit(keep_kernel=True)
+        con.leaving, con.keep = True, bool(ask.get("keepkernel"))  # {"keepkernel": true}
 
 
 ################ Output: what each iopub msg_type looks like on a terminal
@@ -605,6 +673,9 @@ def read_line(con: Console, prompt: str, indent: str = "", password: bool = Fals
     def prefill() -> None:  # offer the kernel's indent on a continuation line
         readline.insert_text(indent)
         readline.redisplay()
+    if con.pushed is not None:  # piped: a line read ahead
+        line, con.pushed = con.pushed, None
+        return line
     if indent:
         readline.set_pre_input_hook(prefill)
     con.reading, con.prompt = True, None if password else prompt
@@ -629,9 +700,29 @@ def tick(con: Console) -> None:
         sys.stdout.write(con.prompt + readline.get_line_buffer())
         sys.stdout.flush()
         con.erased = False
-    if not con.client.heartbeat():
+    try:
+        watch_kernel(con)
+    except KernelDied:
         sys.stdout.write("\n" if con.tty else "")  # off the prompt line, for the last word
-        raise KernelDied
+        raise
+
+
+def watch_kernel(con: Console) -> None:
+    "Is the kernel alive? KernelDied if it is gone; a silent heartbeat is reported once."
+    # A silent heartbeat alone proves nothing: swap, a debugger or SIGSTOP can hold a kernel
+    # for minutes, and its state is worth waiting for. A kernel we started is dead when its
+    # process has exited. One we attached to is dead when nothing listens on its hb port: the
+    # operating system still accepts connections for a stopped process, not for a dead one.
+    if con.kernel is not None and con.kernel.poll() is not None:
+        raise KernelDied(f"its process exited with code {con.kernel.returncode}")
+    if con.client.heartbeat():
+        con.stalled = False
+    elif con.kernel is None and not con.client.listening():
+        raise KernelDied(f"no heartbeat for {HB_SILENCE} s, and nothing listens on its port")
+    elif not con.stalled:
+        con.stalled = True
+        write(con, "stderr", f"miniconsole: no heartbeat for {HB_SILENCE} s; waiting for the "
+                             "kernel (stopped, swapping, or stuck in C code?)\n")
 
 
 def on_alarm(con: Console) -> None:
@@ -669,6 +760,8 @@ def console_loop(con: Console) -> int:
             reply = run_cell(con, code)
             if reply:
                 show_reply(con, reply)
+            if con.leaving:
+                return 1 if con.failed and not con.tty else 0
         except KeyboardInterrupt:  # at the prompt: drop the cell being typed, prompt anew
             write(con, "stdout", "\n")
 
@@ -699,14 +792,14 @@ def main(argv: Optional[list] = None) -> int:
         kernel, path = start_kernel()
     else:
         path = find_connection_file(args.existing)
-    client = None
+    client = con = None
     try:
         try:
             client = Client(path)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"miniconsole: cannot use connection file {path}: {e!r}") from None
         tty = sys.stdin.isatty()
-        con = Console(client, tty, others=tty and not args.no_others)
+        con = Console(client, tty, others=tty and not args.no_others, kernel=kernel)
         if args.show_messages:
             client.log = lambda arrow, channel, msg: show_message(con, arrow, channel, msg)
         signal.signal(signal.SIGINT, lambda signum, frame: on_sigint(con))
@@ -726,20 +819,24 @@ def main(argv: Optional[list] = None) -> int:
     except TimeoutError as e:
         print(f"miniconsole: {e}", file=sys.stderr)
         return 1
-    except KernelDied:
-        print(f"miniconsole: the kernel died (no heartbeat for {HB_SILENCE} s)", file=sys.stderr)
+    except KernelDied as e:
+        print(f"miniconsole: the kernel died ({e})", file=sys.stderr)
         return KERNEL_DIED
     except KeyboardInterrupt:
         return 130
     finally:
-        leave(client, kernel, path, args.keep_kernel)
+        asked = bool(con and con.leaving)  # by exit() or quit() in a cell: see show_reply
+        leave(client, kernel, path, args.keep_kernel or (asked and con.keep),
+              stop=asked and not con.keep)
 
 
 def leave(client: Optional[Client], kernel: Optional[subprocess.Popen], path: str,
-          keep: bool) -> None:
+          keep: bool, stop: bool = False) -> None:
     "On the way out: stop the kernel we started, unless asked to keep it; close our sockets."
     signal.setitimer(signal.ITIMER_REAL, 0)
-    if kernel and keep and kernel.poll() is None:
+    if stop and client and not kernel:  # exit() in a cell stops even a kernel we attached to
+        client.request("control", "shutdown_request", {"restart": False}, timeout=2.0)
+    elif kernel and keep and kernel.poll() is None:
         print(f"[kernel left running; reattach with: python {sys.argv[0]} --existing {path}]")
     elif kernel:
         if client and kernel.poll() is None:
