@@ -911,8 +911,8 @@ def comm_callback(f, *args) -> bool:
     msg = args[-1]  # the message comes last
     # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
-    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
-    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
+    cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
+    kernel["running"] = True
     try:
         f(*args)
         return True
@@ -922,13 +922,22 @@ def comm_callback(f, *args) -> bool:
         return False
     finally:
         kernel["running"] = False
+        output_belongs_to(cell)  # a thread of that cell prints there again
+
+
+def output_belongs_to(header: dict) -> dict:
+    "Send output from now on with this parent (what was printed before goes first); the old one."
+    with iopub_lock:
+        flush_output()
+        old, kernel["cell"] = kernel["cell"], header
+    return old
 
 
 def show_error(e: BaseException, what: str):
-    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    "An error outside a cell: its traceback on our log, and to where output goes now."
     error = error_content(e)
     log(f"{what}:\n" + "\n".join(error["traceback"]))
-    publish("error", error, kernel["parent"]["header"])
+    publish("error", error, kernel["cell"])
 
 
 def comm_info_request(msg: dict) -> dict:
