@@ -98,6 +98,7 @@ kernel = {
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
     "starting": False,  # the main thread took a shell request and has not yet run its code
     "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
+    "in_sigint": False,  # on_sigint is running: a signal that comes meanwhile adds nothing
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
@@ -1006,6 +1007,8 @@ def execute_request(msg: dict) -> dict:
     try:
         error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
     finally:
+        with iopub_lock:
+            read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
         kernel["silent"] = False
     if store:
         kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
@@ -1305,21 +1308,33 @@ def serve_shell(shell: zmq.Socket):
 # whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
 # handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
 
-sigint_taken = threading.Event()  # the main thread has run on_sigint (see interrupt_request)
+# How many SIGINTs the main thread has taken (see interrupt_request). A count, not an Event:
+# Event.set takes a lock, and a second SIGINT whose handler ran inside the first one's set
+# would wait for that lock for good, or nest deeper with every signal of a storm.
+sigints = {"taken": 0}
 
 
 def on_sigint(signum, frame):
     "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
-    sigint_taken.set()
-    if kernel["exiting"]:
-        raise SystemExit(0)
-    # Not in user code, it is for the request being started, or for one already waiting on
-    # shell (an interrupt_request sent right after its execute_request can overtake it), or
-    # for nothing: it came after its cell ended. The main thread owns shell, so may poll it.
-    kernel["interrupted"] = (kernel["running"] or kernel["starting"]
-                             or bool(kernel["sockets"]["shell"].poll(0)))
-    if not kernel["sending"]:
-        interrupt_now()
+    # A handler is Python code, so the next signal can run it again from inside itself (at a
+    # call, such as shell.poll); in a storm that nested without end. The one running speaks
+    # for all.
+    if kernel["in_sigint"]:
+        return
+    kernel["in_sigint"] = True
+    try:
+        sigints["taken"] += 1
+        if kernel["exiting"]:
+            raise SystemExit(0)
+        # Not in user code, it is for the request being started, or for one already waiting
+        # on shell (an interrupt_request sent right after its execute_request can overtake it),
+        # or for nothing: it came after its cell ended. The main thread owns shell: may poll it.
+        kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                                 or bool(kernel["sockets"]["shell"].poll(0)))
+        if not kernel["sending"]:
+            interrupt_now()
+    finally:
+        kernel["in_sigint"] = False
 
 
 def interrupt_now():
@@ -1394,10 +1409,12 @@ def interrupt_request(msg: dict) -> dict:
     # the call returns; if the main thread was waiting for the GIL there, that window lasts
     # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
     # the call.
-    sigint_taken.clear()
     for _ in range(2):
+        before, deadline = sigints["taken"], time.monotonic() + 0.1
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        if sigint_taken.wait(0.1):
+        while sigints["taken"] == before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if sigints["taken"] != before:
             break
     return {"status": "ok"}
 
@@ -1686,8 +1703,8 @@ def read_fds():
         if read_end not in ready:
             continue
         with contextlib.suppress(BlockingIOError):  # emptied since the poll: nothing is lost
-            if text := decoder.decode(os.read(read_end, PIPE_READ)):
-                buffer_output(name, text)
+            if (text := decoder.decode(os.read(read_end, PIPE_READ))) and not kernel["silent"]:
+                buffer_output(name, text)  # (silent code broadcasts nothing, as in Stream.write)
 
 
 def in_forked_child():
