@@ -1713,7 +1713,10 @@ def read_fds():
     "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
     # Shaped for speed: every flush comes here, one before each message, and finds the pipes
     # empty; one poll costs a microsecond, a failing read of each pipe seven.
-    ready = {fd for fd, _ in waiting.poll(0)}
+    try:
+        ready = {fd for fd, _ in waiting.poll(0)}
+    except RuntimeError:  # "concurrent poll() invocation": a signal handler that flushes ran
+        return  # inside our own poll (Python runs handlers on EINTR); the outer read goes on
     for read_end, name, decoder in pipes:  # a character split between two reads waits in decoder
         if read_end not in ready:
             continue
