@@ -670,6 +670,9 @@ SPECIAL = [  # a line that starts a statement -> the Python call it means
 ]
 
 
+PLAIN_ESCAPES = re.compile(r"[%!?;]|\b(exit|quit)\b")  # a cell without these is plain Python
+
+
 def rewrite(line: str) -> str:
     "A line that starts a statement, with IPython's syntax in it made a Python call."
     body = line.rstrip("\r\n")
@@ -689,8 +692,10 @@ def dedent(code: str) -> list:
 
 def transform(code: str) -> tuple[str, bool]:
     "The cell as Python source, and whether a `;` ends it (hiding its result)."
-    import tokenize
     lines, read = dedent(code), []
+    if not PLAIN_ESCAPES.search(code):  # shaped for speed: plain Python, nothing to rewrite or
+        return "".join(lines), False  # hide, needs no tokenizer (a fifth of a round trip's CPU)
+    import tokenize
     starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
 
     def readline() -> str:
@@ -913,8 +918,8 @@ def comm_callback(f, *args) -> bool:
     msg = args[-1]  # the message comes last
     # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
-    kernel["cell"] = msg["header"]  # what it prints goes with this message (an Output widget
-    kernel["running"] = True  # finds it by this msg_id), as a cell's goes with its request
+    cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
+    kernel["running"] = True
     try:
         f(*args)
         return True
@@ -924,13 +929,22 @@ def comm_callback(f, *args) -> bool:
         return False
     finally:
         kernel["running"] = False
+        output_belongs_to(cell)  # a thread of that cell prints there again
+
+
+def output_belongs_to(header: dict) -> dict:
+    "Send output from now on with this parent (what was printed before goes first); the old one."
+    with iopub_lock:
+        flush_output()
+        old, kernel["cell"] = kernel["cell"], header
+    return old
 
 
 def show_error(e: BaseException, what: str):
-    "An error outside any cell: its traceback on our log, and to where this message's outputs go."
+    "An error outside a cell: its traceback on our log, and to where output goes now."
     error = error_content(e)
     log(f"{what}:\n" + "\n".join(error["traceback"]))
-    publish("error", error, kernel["parent"]["header"])
+    publish("error", error, kernel["cell"])
 
 
 def comm_info_request(msg: dict) -> dict:
@@ -1295,8 +1309,7 @@ def serve_shell(shell: zmq.Socket):
     while True:
         if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
             signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
-        frames = recv_interruptibly(shell)
-        kernel["starting"] = True  # an interrupt from now on is for this request (on_sigint)
+        frames = recv_interruptibly(shell)  # sets "starting"
         dispatch("shell", shell, frames, SHELL_HANDLERS)
         kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
         queued, kernel["queued"] = kernel["queued"], []
@@ -1381,6 +1394,8 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
         if kernel["wakeup"] in readable:
             os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
         if sock in readable:
+            if sock is kernel["sockets"]["shell"]:  # a request is here, still on the socket (so
+                kernel["starting"] = True  # on_sigint sees it): an interrupt is for it from now
             return sock.recv_multipart()
 
 
@@ -1867,9 +1882,10 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
                   wrote_file=not os.path.exists(path))
     if kernel["wrote_file"]:
         write_connection_file(path, conn)
-        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"  # on the terminal's
-              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"  # fd 1,
-              f"    python miniconsole.py --existing\n"  # before capture_fds takes it
+        # On the terminal's fd 1, while it is still the terminal's (see capture_fds):
+        print(f"minikernel {__version__} (pid {os.getpid()}) is running.\n"
+              f"Connection file: {kernel['connection_file']}\nAttach a console with:\n"
+              f"    python miniconsole.py --existing\n"
               f"    jupyter console --existing {kernel['connection_file']}\n"
               f"Stop it with a shutdown from a frontend, or: kill {os.getpid()}",
               file=sys.__stdout__, flush=True)

@@ -2487,8 +2487,9 @@ class TestJupyterLab:
         tab = seen.index(("shell", "<-", "complete_request"))
         assert ("shell", "->", "complete_reply") in seen[tab:]
         stop = seen.index(("control", "<-", "interrupt_request"))
-        assert seen[stop + 1 : stop + 3] == [("iopub", "->", "status"),
-                                               ("control", "->", "interrupt_reply")]
+        # The reply (control thread) and the cell's error (main thread) race: either may be first.
+        assert seen[stop + 1] == ("iopub", "->", "status")
+        assert ("control", "->", "interrupt_reply") in seen[stop:]
         assert any("KeyboardInterrupt" in line for line in lines[stop:])
         nb.shot("interrupted")
 
@@ -3368,6 +3369,18 @@ def test_comm_bad_input_is_logged_and_dropped_and_a_raising_callback_is_shown(co
     assert log.count("ZeroDivisionError") == 2 and "1 / 0" in log
 
 
+def test_a_cells_thread_prints_into_that_cell_after_a_comm_message(comm_kernel):
+    proc, raw = comm_kernel
+    cell = send(raw, "execute_request", {"code": ECHO_TARGET + "import threading, time\n"
+                "threading.Thread(target=lambda: (time.sleep(3), print('late'))).start()"})
+    iopub_of(raw, cell)
+    iopub_of(raw, send(raw, "comm_open", {"comm_id": "c5", "target_name": "echo", "data": {}}))
+    iopub_of(raw, send(raw, "comm_msg", {"comm_id": "c5", "data": {}}))
+    while (msg := raw.recv(raw.iopub))["content"].get("text") != "late\n":
+        pass
+    assert msg["parent_header"]["msg_id"] == cell  # not the comm message's, handled meanwhile
+
+
 def test_optional_modules_are_imported_only_by_user_code(comm_kernel):
     proc, raw = comm_kernel
     assert result(raw, CHECK_IMPORTED) == "[]"  # after startup
@@ -3521,7 +3534,10 @@ def test_a_widget_callback_that_raises_is_shown_and_logged(comm_kernel):
     assert error["content"]["ename"] == "ZeroDivisionError"
     assert "1 / 0" in "\n".join(error["content"]["traceback"])
     assert result(raw, "s.value") == "7"
-    assert "ZeroDivisionError" in stop(proc)
+    reply, outputs = execute(raw, "s.value = 9")  # set by a cell: that cell's own error
+    assert reply["ename"] == "ZeroDivisionError"
+    assert [m["content"]["ename"] for m in only(outputs, "error")] == ["ZeroDivisionError"]
+    assert stop(proc).count("ZeroDivisionError") == 1  # the callback's, from the comm_msg
 
 
 def test_widget_control_comm_sends_every_widgets_state(comm_kernel):
@@ -3573,11 +3589,14 @@ def test_interact_reruns_f_into_its_output_widget(comm_kernel):
     assert capture == [printed[0]["parent_header"]["msg_id"], ""]
 
 
+# No interact or Output widget here: nbclient plays the Output widget's frontend part by sending
+# comm_msgs on shell while it waits on shell for the cell's reply, and now and then it never
+# sees that reply (ipykernel hangs there too). The raw-socket tests above cover both.
 WIDGET_NOTEBOOK = [
     "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]);",
     "from IPython.display import HTML, display\ndisplay(HTML('<i>rich</i>'))",
     "import ipywidgets as w\nslider = w.IntSlider(6)\nslider",
-    "@w.interact(n=(0, 4))\ndef twice(n):\n    print('twice', 2 * n)",
+    "slider.observe(lambda change: print('now', change['new']), 'value')\nslider.value = 9",
 ]
 
 
@@ -3590,16 +3609,14 @@ def widget_notebook():
 def test_nbclient_runs_a_notebook_that_plots_and_uses_widgets():
     nb = widget_notebook()
     NotebookClient(nb, kernel_name="minikernel", timeout=60, startup_timeout=30).execute()
-    plot, rich, slider, interact = nb.cells
+    plot, rich, slider, moved = nb.cells
     assert [o.output_type for o in plot.outputs] == ["display_data"]
     assert plot.outputs[0].data["image/png"]
     assert rich.outputs[0].data["text/html"] == "<i>rich</i>"
     view = slider.outputs[0].data["application/vnd.jupyter.widget-view+json"]
     states = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
-    assert states[view["model_id"]]["state"]["value"] == 6
-    # nbclient plays the Output widget's frontend part: interact's print is captured in it.
-    (out,) = [s["state"] for s in states.values() if s["model_name"] == "OutputModel"]
-    assert out["outputs"] == [{"output_type": "stream", "name": "stdout", "text": "twice 4\n"}]
+    assert states[view["model_id"]]["state"]["value"] == 9  # the state the kernel sent last
+    assert moved.outputs == [nbformat.v4.new_output("stream", name="stdout", text="now 9\n")]
 
 
 def test_jupyter_execute_runs_a_notebook_that_plots_and_uses_widgets(tmp_path):
@@ -3822,7 +3839,7 @@ def test_readme_maps_every_section_in_reading_order():
 
 
 def protocol_table() -> dict:
-    "README's protocol table: {msg_type: its minikernel column (yes or no)}."
+    "README's protocol table: {msg_type: its minikernel column (yes, no or refused)}."
     text = readme()
     table = text[text.index("## Protocol coverage"):]
     table = table[table.index("\n|"):]

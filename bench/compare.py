@@ -10,7 +10,8 @@ The peers: ipykernel, from this interpreter; xeus-python (plain and --raw), from
 of its own venv (bench/requirements-bench.txt), since its wheel pins its own IPython. A peer that
 is not installed keeps its columns, which say so. Prints markdown tables: per row the median
 (min–max) of each kernel, its ratio to minikernel, and whether minikernel meets the row's
-target from issue 14; then the two consoles on one minikernel. Exits 1 if a kernel fails.
+target from issue 14; then the two consoles on one minikernel. Exits 1 if a kernel fails; a peer
+that fails is named under the table, which keeps what it measured before.
 """
 
 import argparse
@@ -607,17 +608,28 @@ def main():
     # Retry connects every 5 ms, not zmq's 100 ms, so startup is not rounded up to 100 ms steps.
     ctx.setsockopt(zmq.RECONNECT_IVL, 5)
     results = {name: {} for name in kernels}
-    consoles = None
+    consoles, failed = None, {}  # a peer that fails is dropped from later reps, and named below
+
+    def measure(name, label, run, *args):
+        """Run one kernel life into results; minikernel's failure ends the run, a peer's not."""
+        print(f"{label}: {name}", file=sys.stderr, flush=True)
+        try:
+            for key, values in run(name, ctx, *args).items():
+                results[name].setdefault(key, []).extend(values)
+        except Exception as exc:
+            if name == "minikernel":
+                raise
+            print(f"FAILED {exc}", file=sys.stderr)
+            failed[name] = f"{label}: {str(exc).splitlines()[0]}"
+
     try:
         for rep in range(reps):
             for name in running:  # A, B, C, A, B, C …: noise hits every kernel alike
-                print(f"rep {rep + 1}/{reps}: {name}", file=sys.stderr, flush=True)
-                for key, values in run_kernel(name, ctx, samples).items():
-                    results[name].setdefault(key, []).extend(values)
+                if name not in failed:
+                    measure(name, f"rep {rep + 1}/{reps}", run_kernel, samples)
         for name in running if args.soak else ():
-            if name != "floor":
-                print(f"soak: {name}, {args.soak} cells", file=sys.stderr, flush=True)
-                results[name].update(run_soak(name, ctx, args.soak))
+            if name != "floor" and name not in failed:
+                measure(name, f"soak of {args.soak} cells", run_soak, args.soak)
         if args.consoles or (args.consoles is None and not args.quick):
             consoles = run_consoles(ctx, reps)
     except Exception as exc:
@@ -629,10 +641,12 @@ def main():
     print()
     soak = args.soak or 0
     print(table(results, ROWS, absent, n=soak, half=soak // 2))
+    for name, why in failed.items():
+        print(f"\n{name} failed ({why}); its cells are from the runs before.")
     if consoles:
         print()
         print(table(consoles, CONSOLE_ROWS))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
