@@ -1774,6 +1774,14 @@ import atexit
 unclosed = open({unclosed!r}, "w")
 unclosed.write("written, never closed")
 
+class Box:
+    pass
+
+box = Box()
+box.itself, box.file = box, open({in_a_cycle!r}, "w")  # garbage once deleted, never collected
+box.file.write("in a cycle")
+del box
+
 def at_exit():
     with open({marker!r}, "w") as f:
         f.write("atexit ran")
@@ -1786,7 +1794,9 @@ atexit.register(at_exit)
 def test_leaving_runs_atexit_and_flushes_open_files(fresh_kernel, tmp_path, how):
     km, kc = fresh_kernel
     unclosed, marker = tmp_path / "unclosed.txt", tmp_path / "atexit.txt"
-    code = LEAVING_CODE.format(unclosed=str(unclosed), marker=str(marker))
+    in_a_cycle = tmp_path / "cycle.txt"
+    code = LEAVING_CODE.format(unclosed=str(unclosed), marker=str(marker),
+                               in_a_cycle=str(in_a_cycle))
     assert run(kc, code)[0]["status"] == "ok"
     process = km.provisioner.process
     if how == "restart":
@@ -1798,6 +1808,7 @@ def test_leaving_runs_atexit_and_flushes_open_files(fresh_kernel, tmp_path, how)
         process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=5) == 0
     assert unclosed.read_text() == "written, never closed"
+    assert in_a_cycle.read_text() == "in a cycle"
     assert marker.read_text() == "atexit ran"
 
 
