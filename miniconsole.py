@@ -13,7 +13,9 @@ whose ports and signing key the kernel writes into a connection file:
                     --- input_reply --------->          (input(), pdb): same zmq identity
                                                         as shell, so it can address us
     iopub    SUB    <-- status, stream, ... --  (X)PUB  output, broadcast to every frontend
-    hb       REQ    --- b"ping", echoed ----->  REP     silence means the kernel is gone
+    hb       REQ    --- b"ping", echoed ----->  ROUTER  echoed in C (ipykernel: also in C, on a
+                                                        thread of its own): silence means a
+                                                        stopped or dead kernel, not a busy one
 
 The console sends each cell on shell and waits for its execute_reply. Meanwhile it prints
 what iopub broadcasts (its own cell's output and, marked, other frontends' cells), answers
@@ -662,7 +664,8 @@ def answer_input(con: Console, msg: dict) -> None:
 # Everything runs on one thread, so each socket has exactly one user. While that thread sits
 # in input() or getpass(), a SIGALRM every TICK seconds runs `tick`: it shows what iopub
 # brought (other frontends' cells, late output of ours) above the prompt, and checks hb. A
-# handler that raises ends input() cleanly, so a dead kernel is reported within ~2 s.
+# handler that raises ends input() cleanly, so a dead kernel is reported at the first tick
+# after HB_SILENCE: within 2 s.
 #
 # Ctrl-C is SIGINT. While our cell runs it belongs to the kernel: interrupt_request on control,
 # which works for any kernel, also one we did not start. Otherwise it is ours: KeyboardInterrupt.
@@ -722,7 +725,7 @@ def watch_kernel(con: Console) -> None:
     elif not con.stalled:
         con.stalled = True
         write(con, "stderr", f"miniconsole: no heartbeat for {HB_SILENCE} s; waiting for the "
-                             "kernel (stopped, swapping, or stuck in C code?)\n")
+                             "kernel (stopped, or swapping?)\n")
 
 
 def on_alarm(con: Console) -> None:

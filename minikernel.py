@@ -19,9 +19,11 @@ frontends can share one kernel, and its namespace.
     control  DEALER --- shutdown, interrupt, kernel_info -------->  ROUTER  its own thread
     hb       REQ    --- b"ping", echoed back as it is ----------->  ROUTER  echoed in C
 
-Every request on shell and control is answered on the same socket, and bracketed on iopub by
-status busy and idle. Everything a cell prints or displays is broadcast on iopub, so every
-frontend sees it, each knowing from parent_header which request it belongs to.
+Every request on shell and control is answered on the socket it came on (one the kernel does
+not support, with an error), and bracketed on iopub by status busy and idle; a message whose
+signature fails is dropped unanswered, so a sender must time out. Everything a cell prints or
+displays is broadcast on iopub, so every frontend sees it, each knowing from parent_header
+which request it belongs to.
 
 One cell, `print("hi"); 1 + 1`, as it travels: what `python minikernel.py --show-messages`
 prints while a frontend F runs it (<- received, -> sent). Every message the kernel sends about
@@ -47,8 +49,11 @@ is asked, and F answers with the input_request as parent_header.
       shell -> execute_reply        {"status": "ok", "execution_count": 2, "payload": [], ...}
       iopub -> status               {"execution_state": "idle"}
 
-The sections follow a message's life: the connection file, the wire format, the heartbeat,
-iopub and output, stdin, running a cell, the shell handlers, control, the magics, and main.
+The file reads in two parts. Part one is the protocol, what a kernel for any language needs,
+in the order of a message's life: the connection file, the wire format, the heartbeat, iopub,
+stdin, the shell handlers, signals, control and comms. Part two is the Python: running a cell,
+rich output, completion and help, magics, optional integrations (plots, IPython.display,
+widgets), output below Python. Then main.
 """
 
 import atexit
@@ -88,7 +93,10 @@ kernel = {
     "session": None,  # signing state, from the connection file's key (see Wire format)
     "connection": {},  # the connection file's dict
     "connection_file": "",  # and its path
-    "parent": {"header": {}, "content": {}, "ids": []},  # the shell request being handled
+    # The shell request being handled, as from_frames parsed it. Its "ids" are the routing
+    # frames the shell ROUTER put in front of it: the asker's identity, which addresses the
+    # reply (and, on stdin, whose DEALER shares that identity, the input_request).
+    "parent": {"header": {}, "content": {}, "ids": []},
     "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
     # or a comm message whose callback runs): what output belongs to
     "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
@@ -97,7 +105,7 @@ kernel = {
     "payload": [],  # execute_reply payloads of the running cell (the pager)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
-    "starting": False,  # the main thread took a shell request and has not yet run its code
+    "starting": False,  # a shell request is here and its code has not started yet
     "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
     "in_sigint": False,  # on_sigint is running: a signal that comes meanwhile adds nothing
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
@@ -105,7 +113,7 @@ kernel = {
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
     "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
-    "loop": None,  # the event loop that cells with a top-level await run on, made by the first
+    "loop": None,  # the event loop that cells with a top-level await run on (the first makes it)
     "exit_code": 0,  # the process's, once serve() is done
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
@@ -129,6 +137,13 @@ def trace(arrow: str, channel: str, msg: dict):
     content = content if len(content) <= 80 else content[:77] + "..."
     buffers = f" +{len(msg['buffers'])} buffers" if msg.get("buffers") else ""
     log(f"{channel:>7} {arrow} {msg['header']['msg_type']:<20} {content}{buffers}")
+
+
+# ==============================================================================================
+# Part one: the protocol. Everything up to Part two is what a Jupyter kernel for any language
+# needs, in the order a message lives: connection file, wire format, heartbeat, iopub, stdin,
+# the shell handlers, signals (how an interrupt reaches running code), control, and comms.
+# ==============================================================================================
 
 
 ################ Connection file: where a frontend finds the kernel
@@ -309,7 +324,8 @@ def nested_deeper(value, levels: int) -> bool:
 
 ################ Heartbeat: proof of life
 
-# Frontends ping hb about once a second and call the kernel dead after a second of silence.
+# Frontends ping hb about once a second and worry after a second or so of silence
+# (jupyter_client's heartbeat channel: time_to_dead, 1 s; miniconsole: HB_SILENCE, 1.5 s).
 # User code may hold the GIL for minutes (a long C call, a tight loop), so the echo must not
 # need Python: zmq.proxy runs in C with the GIL released. A ROUTER proxied to itself sends
 # each [identity, b"", ping] straight back to the frontend it came from.
@@ -324,17 +340,19 @@ def heartbeat(hb: zmq.Socket):
 
 ################ iopub: every output, broadcast to every frontend
 
-# Status comes from the control thread, output from any thread that prints, results from the
-# main thread; but a zmq socket must not be used by two threads at once. The simplest correct
-# owner is a lock: whoever holds iopub_lock may touch the iopub socket and the output buffer.
-# A ticker thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish
-# buffered output, so a long-running cell's prints arrive while it runs.
+# Status comes from the main thread (for shell requests) and the control thread (for its own),
+# output from any thread that prints, results from the main thread, welcomes from the ticker;
+# but a zmq socket must not be used by two threads at once. The simplest correct owner is a
+# lock: whoever holds iopub_lock may touch the iopub socket and the output buffer. A ticker
+# thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish buffered
+# output, so a long-running cell's prints arrive while it runs.
 #
-# A signal handler or a finalizer (__del__) runs in whatever thread it interrupts, maybe one
-# that holds the lock and is halfway through a message. A plain Lock would deadlock it there;
-# iopub_lock is re-entrant, so it gets in, and the one rule that keeps the frames whole is that
-# a send never starts inside another. While a send is under way, a nested write only adds to
-# the buffer, and a nested message joins the queue that the send under way empties.
+# A signal handler (in the main thread) or a finalizer (__del__, in whatever thread drops the
+# last reference) can run while its thread holds the lock, halfway through a message. A plain
+# Lock would deadlock it there; iopub_lock is re-entrant, so it gets in, and the one rule that
+# keeps the frames whole is that a send never starts inside another. While a send is under
+# way, a nested write only adds to the buffer, and a nested message joins the queue that the
+# send under way empties.
 
 FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
@@ -484,98 +502,6 @@ def buffer_output(name: str, text: str):
     output["size"] += len(text)
 
 
-################ Rich output: display_data, execute_result, clear_output
-
-# An object shows itself as a mimebundle, {mimetype: data}: text/plain from repr(), plus
-# whatever rich reprs it offers. The frontend picks the richest type it can render.
-
-REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
-         "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
-         "_repr_latex_": "text/latex", "_repr_json_": "application/json",
-         "_repr_javascript_": "application/javascript"}
-
-
-def mimebundle(obj) -> tuple[dict, dict]:
-    "An object as (data, metadata): text/plain always, and every rich repr it offers."
-    data, metadata = {"text/plain": repr(obj)}, {}
-    if isinstance(obj, type):  # a class's _repr_html_ is an unbound function, not a repr
-        return data, metadata
-    for method, mime in REPRS.items():
-        try:
-            value = getattr(obj, method)()
-        except Exception:  # no such repr, or a broken one: text/plain still stands
-            continue
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
-            value, metadata[mime] = value  # (data, metadata)
-        if (value := fit(mime, value)) is not None:
-            data[mime] = value
-        else:
-            metadata.pop(mime, None)
-    try:
-        bundle = obj._repr_mimebundle_(include=None, exclude=None)
-    except Exception:
-        return data, metadata
-    bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
-    if isinstance(bundle, dict) and isinstance(extra, dict):
-        data.update(bundle)
-        metadata.update(extra)
-    return data, metadata
-
-
-def fit(mime: str, value):
-    "A rich repr's value as JSON carries it, or None if it has the wrong type for its mimetype."
-    # An object that answers every attribute (a mock, an RPC proxy) returns objects, not reprs.
-    if mime == "application/json":
-        return value if isinstance(value, (dict, list)) else None
-    if mime in ("image/png", "image/jpeg") and isinstance(value, bytes):
-        import base64  # images travel as base64 text inside JSON
-        return base64.b64encode(value).decode()
-    return value if isinstance(value, str) else None  # text, or an image already in base64
-
-
-def display(*objs, display_id=None, update: bool = False, raw: bool = False,
-            metadata: Optional[dict] = None, include: Sequence[str] = ()):
-    """Show objects below the cell (raw: they are mimebundles already). With display_id (True
-    makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
-    display_id = uuid.uuid4().hex if display_id is True else display_id
-    if update and not display_id:
-        raise ValueError("display(..., update=True) needs the display_id of the display to update")
-    transient = {"display_id": display_id} if display_id else {}
-    for obj in objs:
-        data, md = (obj, {}) if raw else mimebundle(obj)
-        if include:  # IPython's display_html() and the like: that mimetype only
-            data = {mime: value for mime, value in data.items() if mime in include}
-        if not kernel["silent"]:  # silent code broadcasts nothing
-            publish("update_display_data" if update else "display_data",
-                    {"data": data, "metadata": {**md, **(metadata or {})},
-                     "transient": transient}, kernel["cell"])
-    return DisplayHandle(display_id) if display_id else None
-
-
-def update_display(obj, *, display_id: str, **kwargs):
-    "Replace the display that has this display_id."
-    display(obj, display_id=display_id, update=True, **kwargs)
-
-
-class DisplayHandle:
-    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
-
-    def __init__(self, display_id: str):
-        self.display_id = display_id
-
-    def display(self, obj, **kwargs):
-        display(obj, display_id=self.display_id, **kwargs)
-
-    def update(self, obj, **kwargs):
-        update_display(obj, display_id=self.display_id, **kwargs)
-
-
-def clear_output(wait: bool = False):
-    "Clear this cell's output now, or (wait=True) just before the next output arrives."
-    if not kernel["silent"]:
-        publish("clear_output", {"wait": wait}, kernel["cell"])
-
-
 ################ stdin: input() answered by a frontend
 
 # The kernel has no keyboard. When user code calls input(), the kernel sends input_request on
@@ -630,24 +556,539 @@ def user_input(prompt: object = "") -> str:
         raise
 
 
-class LeaveDebugger(BaseException):
-    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
-
-
-def at_pdb_prompt() -> bool:
-    "Whether pdb's command loop is what waits for this line."
-    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
-    frame = sys._getframe()
-    while pdb and frame:
-        if frame.f_code is pdb.Pdb._cmdloop.__code__:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def user_getpass(prompt: str = "Password: ", stream=None) -> str:
     "getpass.getpass, for user code: the frontend hides what is typed."
     return input_request(prompt, password=True)
+
+
+################ Shell handlers: one request in, one reply out
+
+# Each handler takes a request and returns its reply's content, built right there; dispatch()
+# sends it as <name>_reply. A handler that returns None sends no reply (comm messages). The
+# table below holds the protocol's own requests; the comms section and Part two (the language:
+# completion, help, is_complete) add theirs to it. A *_request nobody handles still gets a
+# reply, an error; a message that fails the signature check gets none: senders must time out.
+
+LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype": "text/x-python",
+                 "file_extension": ".py", "pygments_lexer": "python3",
+                 "codemirror_mode": {"name": "ipython", "version": 3},
+                 "nbconvert_exporter": "python"}
+BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
+          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
+          " !cmd for the shell.")
+DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
+
+
+def execute_request(msg: dict) -> dict:
+    "Run a cell: execute_input, then its outputs on iopub, then this reply."
+    c = msg["content"]
+    code, silent = c.get("code"), bool(c.get("silent", False))
+    expressions = c.get("user_expressions") or {}
+    if not isinstance(code, str) or not isinstance(expressions, dict):  # nothing runs
+        kernel["starting"] = False
+        return execute_reply("error", ename="TypeError", traceback=[], evalue=(
+            "execute_request needs code as a string and user_expressions as an object"))
+    store = c.get("store_history", True) and not silent
+    n = kernel["execution_count"]
+    if not silent:
+        kernel["cell"] = msg["header"]
+        publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
+    kernel["payload"], kernel["silent"] = [], silent
+    try:
+        error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
+    finally:
+        with iopub_lock:
+            read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
+        kernel["silent"] = False
+    if store:
+        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
+        kernel["execution_count"] += 1
+        import linecache  # run_cell imported it; this only names it here
+        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
+    if error:
+        if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
+            kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
+        return execute_reply("error", kernel["payload"], **error)
+    return execute_reply("ok", kernel["payload"],
+                         {k: user_expression(v) for k, v in expressions.items()})
+
+
+def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
+                  **error) -> dict:
+    "An execute_reply with every field, whatever the status (the count: this cell's, or the last)."
+    return {"status": status, "execution_count": kernel["execution_count"] - 1,
+            "payload": list(payload), "user_expressions": expressions or {}, **error}
+
+
+def user_expression(expr: str) -> dict:
+    "Evaluate one of an execute_request's user_expressions, for the frontend's own use."
+    try:
+        data, metadata = mimebundle(eval(expr, user.__dict__))
+        return {"status": "ok", "data": data, "metadata": metadata}
+    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
+        return {"status": "error", **error_content(e)}
+
+
+def drain(sock: zmq.Socket) -> list:
+    "Every message waiting on a socket right now."
+    frames = []
+    while sock.poll(0):
+        frames.append(sock.recv_multipart())
+    return frames
+
+
+def aborted_execute(msg: dict) -> dict:
+    "An execute_request queued behind a failed cell is not run (stop_on_error)."
+    return execute_reply("aborted")
+
+
+def kernel_info_request(msg: dict) -> dict:
+    "Who answers: protocol version, implementation, and the language it runs."
+    return {"status": "ok", "protocol_version": PROTOCOL_VERSION, "implementation": "minikernel",
+            "implementation_version": __version__, "language_info": LANGUAGE_INFO,
+            "banner": BANNER, "debugger": False, "supported_features": [],
+            "help_links": [{"text": "Python", "url": "https://docs.python.org/3/"}]}
+
+
+def history_request(msg: dict) -> dict:
+    "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
+    import fnmatch
+    c, rows = msg["content"], list(kernel["history"])
+    kind = c.get("hist_access_type")
+    if kind == "tail":
+        rows = rows[-c["n"]:] if c.get("n") else rows
+    elif kind == "range":
+        if c.get("session", 0) not in (0, 1):  # 0 is the current session; there is no other
+            rows = []
+        start, stop = c.get("start") or 1, c.get("stop")
+        rows = [r for r in rows if start <= r[0] and (stop is None or r[0] < stop)]
+    elif kind == "search":
+        rows = [r for r in rows if fnmatch.fnmatchcase(r[1], c.get("pattern") or "*")]
+        if c.get("unique"):  # the latest run of each distinct input
+            latest = {r[1]: r for r in rows}
+            rows = sorted(latest.values())
+        rows = rows[-c["n"]:] if c.get("n") else rows
+    else:
+        raise ValueError(f"hist_access_type must be tail, range or search, not {kind!r}")
+    entries = [[1, n, [code, out] if c.get("output") else code] for n, code, out in rows]
+    return {"status": "ok", "history": entries}
+
+
+def connect_request(msg: dict) -> dict:
+    "Where the kernel listens (deprecated in the spec, still answered): its five ports."
+    return {"status": "ok", **{f"{name}_port": kernel["connection"][f"{name}_port"]
+                               for name in CHANNELS}}
+
+
+SHELL_HANDLERS = {
+    "execute_request": execute_request,
+    "kernel_info_request": kernel_info_request,
+    "history_request": history_request,
+    "connect_request": connect_request,
+}
+
+
+def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
+    "Check a request, bracket it with busy and idle on iopub, run its handler, send its reply."
+    session = kernel["session"]
+    try:
+        msg = from_frames(session, frames)
+    except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
+        log(f"{channel}: dropped a message: {e}")
+        return
+    trace("<-", channel, msg)
+    msg_type, header = msg["header"]["msg_type"], msg["header"]
+    reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
+
+    def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
+        with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
+            flush_output()
+        reply = new_msg(session, reply_type, content, header)
+        trace("->", channel, reply)
+        return to_frames(session, reply, msg["ids"])
+
+    if channel == "shell":
+        kernel["parent"] = msg
+        if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
+            kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
+    status("busy", header)
+    reply = None
+    try:
+        if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
+            reply = answer({"status": "error", "ename": "NotImplementedError", "traceback": [],
+                            "evalue": f"{msg_type} is not supported by minikernel on {channel}"})
+        elif msg_type not in handlers:
+            log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
+        elif (content := handlers[msg_type](msg)) is not None and reply_type:
+            reply = answer(content)  # serialized here: a reply that cannot be is an error too
+    except (Exception, KeyboardInterrupt) as e:  # signed, but nonsense: say so, keep serving
+        log(f"{channel}: {msg_type} failed: {type(e).__name__}: {e}")
+        error = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
+        reply = answer(error) if reply_type else None
+    if reply:
+        with uninterrupted():  # in the main thread, a whole reply or none
+            send_frames(sock, reply)
+    if output["sent"] > TRIM_AFTER:  # after the reply, before idle: idle means all done
+        give_back_memory()
+    status("idle", header)
+
+
+def serve_shell(shell: zmq.Socket):
+    "The main thread: take shell requests one at a time, in order, and run them."
+    aborting = {**SHELL_HANDLERS, "execute_request": aborted_execute}  # (stop_on_error)
+    while True:
+        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
+            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
+        frames = recv_interruptibly(shell)  # sets "starting"
+        dispatch("shell", shell, frames, SHELL_HANDLERS)
+        kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
+        queued, kernel["queued"] = kernel["queued"], []
+        for frames in queued:  # behind a failed cell: answered, but no code runs
+            dispatch("shell", shell, frames, aborting)
+
+
+################ Signals: how an interrupt reaches the running code
+
+# The protocol's part is short: interrupt_request arrives on control, the kernel answers with
+# interrupt_reply, and the running cell ends with KeyboardInterrupt. Getting there is signal
+# work. The control thread sends SIGINT to the main thread (pthread_kill), because Python runs
+# signal handlers in the main thread only, and a signal wakes it from time.sleep, input() or a
+# socket wait. A signal is never missed (the wakeup pipe), never splits a message (it waits
+# while one is being sent), and one that Python sat on is sent again.
+
+# How many SIGINTs the main thread has taken (see interrupt_request). A count, not an Event:
+# Event.set takes a lock, and a second SIGINT whose handler ran inside the first one's set
+# would wait for that lock for good, or nest deeper with every signal of a storm.
+sigints = {"taken": 0}
+
+
+def on_sigint(signum, frame):
+    "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
+    # A handler is Python code, so the next signal can run it again from inside itself (at a
+    # call, such as shell.poll); in a storm that nested without end. The one running speaks
+    # for all.
+    if kernel["in_sigint"]:
+        return
+    kernel["in_sigint"] = True
+    try:
+        sigints["taken"] += 1
+        if kernel["exiting"]:
+            raise SystemExit(0)
+        # Not in user code, it is for the request being started, or for one already waiting
+        # on shell (an interrupt_request sent right after its execute_request can overtake it),
+        # or for nothing: it came after its cell ended. The main thread owns shell: may poll it.
+        kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                                 or bool(kernel["sockets"]["shell"].poll(0)))
+        if not kernel["sending"]:
+            interrupt_now()
+    finally:
+        kernel["in_sigint"] = False
+
+
+def interrupt_now():
+    "Raise the waiting interrupt, if user code runs to take it (idle, it is forgotten)."
+    if kernel["interrupted"] and kernel["running"]:
+        kernel["interrupted"] = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    "In the main thread, an interrupt that comes inside waits until the end."
+    # Raised between two frames, it would leave half a message; raised while output taken
+    # from the buffer is being sent, it would drop the rest of it.
+    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
+        yield  # signals reach the main thread only; or we are inside already
+        return
+    kernel["sending"] = True
+    try:
+        yield
+    finally:
+        kernel["sending"] = False
+    interrupt_now()
+
+
+SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list):
+    "sock.send_multipart(frames), shaped for speed: it ORs flag enums, 2 µs a frame; ints don't."
+    for frame in frames[:-1]:
+        sock.send(frame, SNDMORE)
+    sock.send(frames[-1])
+
+
+def recv_interruptibly(sock: zmq.Socket) -> list:
+    "Wait for a message in the main thread, waking for any signal so its handler runs at once."
+    # A signal that lands just before a blocking recv would go unnoticed until the next
+    # message. So every signal also writes a byte to the wakeup pipe, and we wait on both.
+    while True:
+        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])
+        if kernel["wakeup"] in readable:
+            os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
+        if sock in readable:
+            if sock is kernel["sockets"]["shell"]:  # a request is here, still on the socket (so
+                kernel["starting"] = True  # on_sigint sees it): an interrupt is for it from now
+            return sock.recv_multipart()
+
+
+def interrupt_request(msg: dict) -> dict:
+    "Raise KeyboardInterrupt in the running cell, as Ctrl-C would; harmless when idle."
+    # Python runs signal handlers only at certain points between bytecodes. A signal that
+    # lands after the last one before a blocking call (time.sleep, a lock) is seen only when
+    # the call returns; if the main thread was waiting for the GIL there, that window lasts
+    # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
+    # the call.
+    for _ in range(2):
+        before, deadline = sigints["taken"], time.monotonic() + 0.1
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        while sigints["taken"] == before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if sigints["taken"] != before:
+            break
+    return {"status": "ok"}
+
+
+################ Control: shutdown and interrupt, even while a cell runs
+
+# Control has its own socket and its own thread, so a frontend can stop or interrupt a kernel
+# whose main thread is busy. Both act on the main thread through SIGINT (see Signals): to
+# leave, the main thread is made to unwind from wherever it is, with SystemExit.
+
+
+def leave():
+    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
+    kernel["exiting"] = True
+    force_exit_soon()
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def force_exit_soon():
+    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
+    timer = threading.Timer(1.0, force_exit)
+    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
+    timer.start()
+
+
+def exit_without_teardown():
+    "The last atexit handler: flush every file still open, then exit without the teardown."
+    # A normal exit then clears every module and collects every object: 20 ms or more, most
+    # of the time a shutdown takes. What a script relies on at exit is done by now: the atexit
+    # handlers have run, and every open file is flushed here. (Python does not promise that
+    # __del__ methods run at exit; here they do not.)
+    import gc
+    buffered = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)  # (not the ABC io.IOBase:
+    for obj in gc.get_objects():  # an isinstance() of it costs ten times more, on every object)
+        if isinstance(obj, buffered):
+            with contextlib.suppress(Exception):  # closed, detached, or its disk is gone
+                obj.flush()
+    os._exit(kernel["exit_code"])
+
+
+def force_exit():
+    "Exit now, tidying only the connection file."
+    remove_connection_file()
+    os._exit(0)
+
+
+def shutdown_request(msg: dict) -> dict:
+    "Agree to shut down. To restart, the frontend's manager starts a new process after this one."
+    kernel["exiting"] = True
+    return {"status": "ok", "restart": bool(msg["content"].get("restart", False))}
+
+
+CONTROL_HANDLERS = {
+    "shutdown_request": shutdown_request,
+    "interrupt_request": interrupt_request,
+    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
+}
+
+
+def serve_control(control: zmq.Socket):
+    "The control thread: answer control requests until one of them is a shutdown."
+    try:
+        while not kernel["exiting"]:
+            dispatch("control", control, control.recv_multipart(), CONTROL_HANDLERS)
+    except zmq.ContextTerminated:  # the main thread is already shutting down
+        control.close()
+        return
+    control.close()  # its linger still delivers the shutdown_reply
+    leave()
+
+
+def watch_parent(parent: int):
+    "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
+    while os.getppid() == parent:
+        time.sleep(1)
+    log("the process that started this kernel died: shutting down")  # not a routine exit
+    leave()
+
+
+################ Comms: an object in the kernel and one in a frontend, talking
+
+# A comm pairs an object here with one in a frontend: an ipywidgets slider and its view, say.
+# Either side opens it, naming a target; then both send comm_msg, and either closes it. The
+# kernel's comm messages go out on iopub, so every frontend hears them; a frontend's come in
+# on shell, one at a time between cells. Binary data, an image or an array, travels as
+# buffers: raw frames after the four dicts, outside the signature.
+#   comm_open  {comm_id, target_name, data}   comm_msg {comm_id, data}   comm_close {comm_id, data}
+# This module is the comm package's "comm manager": the `comm` hook (see Optional
+# integrations) hands it to comm users, who call register_target() and create Comms.
+
+comms = {}  # comm_id -> Comm: the open comms, whichever side opened them
+targets = {}  # target_name -> handler(comm, comm_open msg), for comms a frontend opens
+
+
+class Comm:
+    "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
+
+    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
+
+    def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
+                 metadata: Optional[dict] = None, buffers: Sequence = (),
+                 comm_id: Optional[str] = None, primary: bool = True,
+                 target_module: Optional[str] = None):
+        self.comm_id, self.target_name = comm_id or uuid.uuid4().hex, target_name
+        self.msg_callback = self.close_callback = None
+        self.closed = False
+        comms[self.comm_id] = self
+        if primary:  # opened here, not by a frontend: tell the frontends
+            self.open(data, metadata, buffers, target_module)
+
+    def publish(self, msg_type: str, data, metadata, buffers, **fields):
+        "A comm message on iopub, from the request being handled now; buffers as raw frames."
+        publish(msg_type, {"comm_id": self.comm_id, "data": data or {}, **fields},
+                kernel["parent"]["header"], metadata=metadata or {}, buffers=list(buffers or ()))
+
+    def open(self, data=None, metadata=None, buffers=(), target_module=None):
+        self.publish("comm_open", data, metadata, buffers, target_name=self.target_name,
+                     target_module=target_module)
+
+    def send(self, data=None, metadata=None, buffers=()):
+        self.publish("comm_msg", data, metadata, buffers)
+
+    def close(self, data=None, metadata=None, buffers=()):
+        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
+            self.closed = True
+            comms.pop(self.comm_id, None)
+            self.publish("comm_close", data, metadata, buffers)
+
+    def on_msg(self, callback):
+        self.msg_callback = callback
+
+    def on_close(self, callback):
+        self.close_callback = callback
+
+    def handle_msg(self, msg: dict):
+        if self.msg_callback:
+            self.msg_callback(msg)
+
+    def handle_close(self, msg: dict):
+        if self.close_callback:
+            self.close_callback(msg)
+
+
+def register_target(target_name: str, handler):
+    "Call handler(comm, msg) when a frontend opens a comm to target_name."
+    targets[target_name] = handler
+
+
+def get_parent() -> dict:
+    "The request being handled, as ipykernel's kernel.get_parent() gives it."
+    return kernel["parent"]
+
+
+def comm_callback(f, *args) -> bool:
+    "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
+    msg = args[-1]  # the message comes last
+    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
+    msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
+    cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
+    kernel["running"] = True
+    try:
+        f(*args)
+        return True
+    except (Exception, KeyboardInterrupt) as e:
+        kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
+        show_error(e, f"{msg['header']['msg_type']} callback failed")
+        return False
+    finally:
+        kernel["running"] = False
+        output_belongs_to(cell)  # a thread of that cell prints there again
+
+
+def output_belongs_to(header: dict) -> dict:
+    "Send output from now on with this parent (what was printed before goes first); the old one."
+    with iopub_lock:
+        flush_output()
+        old, kernel["cell"] = kernel["cell"], header
+    return old
+
+
+def show_error(e: BaseException, what: str):
+    "An error outside a cell: its traceback on our log, and to where output goes now."
+    error = error_content(e)
+    log(f"{what}:\n" + "\n".join(error["traceback"]))
+    publish("error", error, kernel["cell"])
+
+
+def comm_info_request(msg: dict) -> dict:
+    "Which comms are open, and their targets: all, or those of the target_name asked for."
+    wanted = msg["content"].get("target_name")
+    return {"status": "ok", "comms": {comm_id: {"target_name": comm.target_name}
+                                      for comm_id, comm in comms.items()
+                                      if wanted in (None, comm.target_name)}}
+
+
+def comm_open(msg: dict):
+    "A frontend opens a comm: our end goes to its target's handler; no such target, we close it."
+    c = msg["content"]
+    handler = targets.get(c["target_name"])
+    if handler is None:  # closed at once, so that the frontend does not wait
+        log(f"comm_open: no comm target {c['target_name']!r}, comm {c['comm_id']!r} closed")
+        publish("comm_close", {"comm_id": c["comm_id"], "data": {}}, msg["header"])
+        return
+    comm = Comm(c["target_name"], comm_id=c["comm_id"], primary=False)
+    if not comm_callback(handler, comm, msg):
+        comm.close()
+
+
+def comm_msg(msg: dict):
+    "Data for one of our comms: its on_msg callback gets the whole message, buffers included."
+    if comm := known_comm(msg):
+        comm_callback(comm.handle_msg, msg)
+
+
+def comm_close(msg: dict):
+    "A frontend closed a comm: forget it, and tell its on_close callback."
+    if comm := known_comm(msg):
+        comm.closed = True
+        del comms[comm.comm_id]
+        comm_callback(comm.handle_close, msg)
+
+
+def known_comm(msg: dict) -> Optional[Comm]:
+    "The comm a message is for; an unknown comm_id is logged, and the message dropped."
+    comm_id = msg["content"]["comm_id"]
+    if comm_id not in comms:
+        log(f"{msg['header']['msg_type']} for unknown comm_id {comm_id!r}: dropped")
+    return comms.get(comm_id)
+
+
+SHELL_HANDLERS.update({  # the comm messages and their one request
+    "comm_info_request": comm_info_request,
+    "comm_open": comm_open,
+    "comm_msg": comm_msg,
+    "comm_close": comm_close,
+})
+
+
+# ==============================================================================================
+# Part two: Python. What makes this kernel a Python worth using: cells that behave as at the
+# Python prompt (and as in IPython), rich reprs, completion and help, magics, plots and widgets
+# when they are imported, and the output of C code and child processes. A kernel for another
+# language replaces this part (see the README: "Make it a kernel for another language").
+# ==============================================================================================
 
 
 ################ Running a cell: REPL semantics
@@ -839,241 +1280,120 @@ def hide_kernel_frames(te):
             hide_kernel_frames(chained)
 
 
-################ Comms: an object in the kernel and one in a frontend, talking
-
-# A comm pairs an object here with one in a frontend: an ipywidgets slider and its view, say.
-# Either side opens it, naming a target; then both send comm_msg, and either closes it. The
-# kernel's comm messages go out on iopub, so every frontend hears them; a frontend's come in
-# on shell, one at a time between cells. Binary data, an image or an array, travels as
-# buffers: raw frames after the four dicts, outside the signature.
-#   comm_open  {comm_id, target_name, data}   comm_msg {comm_id, data}   comm_close {comm_id, data}
-# This module is the comm package's "comm manager": the `comm` hook (see Optional
-# integrations) hands it to comm users, who call register_target() and create Comms.
-
-comms = {}  # comm_id -> Comm: the open comms, whichever side opened them
-targets = {}  # target_name -> handler(comm, comm_open msg), for comms a frontend opens
+class LeaveDebugger(BaseException):
+    "An interrupt at the (Pdb) prompt. pdb catches KeyboardInterrupt and prompts again: not this."
 
 
-class Comm:
-    "Our end of a comm: send() and close() it; on_msg and on_close hear from the other end."
-
-    kernel = me  # ipywidgets' Output widget asks comm.kernel.get_parent() for the request
-
-    def __init__(self, target_name: str = "comm", data: Optional[dict] = None,
-                 metadata: Optional[dict] = None, buffers: Sequence = (),
-                 comm_id: Optional[str] = None, primary: bool = True,
-                 target_module: Optional[str] = None):
-        self.comm_id, self.target_name = comm_id or uuid.uuid4().hex, target_name
-        self.msg_callback = self.close_callback = None
-        self.closed = False
-        comms[self.comm_id] = self
-        if primary:  # opened here, not by a frontend: tell the frontends
-            self.open(data, metadata, buffers, target_module)
-
-    def publish(self, msg_type: str, data, metadata, buffers, **fields):
-        "A comm message on iopub, from the request being handled now; buffers as raw frames."
-        publish(msg_type, {"comm_id": self.comm_id, "data": data or {}, **fields},
-                kernel["parent"]["header"], metadata=metadata or {}, buffers=list(buffers or ()))
-
-    def open(self, data=None, metadata=None, buffers=(), target_module=None):
-        self.publish("comm_open", data, metadata, buffers, target_name=self.target_name,
-                     target_module=target_module)
-
-    def send(self, data=None, metadata=None, buffers=()):
-        self.publish("comm_msg", data, metadata, buffers)
-
-    def close(self, data=None, metadata=None, buffers=()):
-        if not self.closed:  # once, as the comm package's Comm does: a second close sends nothing
-            self.closed = True
-            comms.pop(self.comm_id, None)
-            self.publish("comm_close", data, metadata, buffers)
-
-    def on_msg(self, callback):
-        self.msg_callback = callback
-
-    def on_close(self, callback):
-        self.close_callback = callback
-
-    def handle_msg(self, msg: dict):
-        if self.msg_callback:
-            self.msg_callback(msg)
-
-    def handle_close(self, msg: dict):
-        if self.close_callback:
-            self.close_callback(msg)
+def at_pdb_prompt() -> bool:
+    "Whether pdb's command loop is what waits for this line."
+    pdb = sys.modules.get("pdb")  # (not imported: no debugger is running)
+    frame = sys._getframe()
+    while pdb and frame:
+        if frame.f_code is pdb.Pdb._cmdloop.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
-def register_target(target_name: str, handler):
-    "Call handler(comm, msg) when a frontend opens a comm to target_name."
-    targets[target_name] = handler
+################ Rich output: display_data, execute_result, clear_output
+
+# An object shows itself as a mimebundle, {mimetype: data}: text/plain from repr(), plus
+# whatever rich reprs it offers. The frontend picks the richest type it can render.
+
+REPRS = {"_repr_html_": "text/html", "_repr_markdown_": "text/markdown",
+         "_repr_svg_": "image/svg+xml", "_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg",
+         "_repr_latex_": "text/latex", "_repr_json_": "application/json",
+         "_repr_javascript_": "application/javascript"}
 
 
-def get_parent() -> dict:
-    "The request being handled, as ipykernel's kernel.get_parent() gives it."
-    return kernel["parent"]
-
-
-def comm_callback(f, *args) -> bool:
-    "Run a comm callback like a cell: interruptible; if it raises, show where and say so."
-    msg = args[-1]  # the message comes last
-    # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
-    msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
-    cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
-    kernel["running"] = True
+def mimebundle(obj) -> tuple[dict, dict]:
+    "An object as (data, metadata): text/plain always, and every rich repr it offers."
+    data, metadata = {"text/plain": repr(obj)}, {}
+    if isinstance(obj, type):  # a class's _repr_html_ is an unbound function, not a repr
+        return data, metadata
+    for method, mime in REPRS.items():
+        try:
+            value = getattr(obj, method)()
+        except Exception:  # no such repr, or a broken one: text/plain still stands
+            continue
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            value, metadata[mime] = value  # (data, metadata)
+        if (value := fit(mime, value)) is not None:
+            data[mime] = value
+        else:
+            metadata.pop(mime, None)
     try:
-        f(*args)
-        return True
-    except (Exception, KeyboardInterrupt) as e:
-        kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
-        show_error(e, f"{msg['header']['msg_type']} callback failed")
-        return False
-    finally:
-        kernel["running"] = False
-        output_belongs_to(cell)  # a thread of that cell prints there again
+        bundle = obj._repr_mimebundle_(include=None, exclude=None)
+    except Exception:
+        return data, metadata
+    bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
+    if isinstance(bundle, dict) and isinstance(extra, dict):
+        data.update(bundle)
+        metadata.update(extra)
+    return data, metadata
 
 
-def output_belongs_to(header: dict) -> dict:
-    "Send output from now on with this parent (what was printed before goes first); the old one."
-    with iopub_lock:
-        flush_output()
-        old, kernel["cell"] = kernel["cell"], header
-    return old
+def fit(mime: str, value):
+    "A rich repr's value as JSON carries it, or None if it has the wrong type for its mimetype."
+    # An object that answers every attribute (a mock, an RPC proxy) returns objects, not reprs.
+    if mime == "application/json":
+        return value if isinstance(value, (dict, list)) else None
+    if mime in ("image/png", "image/jpeg") and isinstance(value, bytes):
+        import base64  # images travel as base64 text inside JSON
+        return base64.b64encode(value).decode()
+    return value if isinstance(value, str) else None  # text, or an image already in base64
 
 
-def show_error(e: BaseException, what: str):
-    "An error outside a cell: its traceback on our log, and to where output goes now."
-    error = error_content(e)
-    log(f"{what}:\n" + "\n".join(error["traceback"]))
-    publish("error", error, kernel["cell"])
+def display(*objs, display_id=None, update: bool = False, raw: bool = False,
+            metadata: Optional[dict] = None, include: Sequence[str] = ()):
+    """Show objects below the cell (raw: they are mimebundles already). With display_id (True
+    makes a fresh one) it returns a handle, and update=True replaces that earlier display."""
+    display_id = uuid.uuid4().hex if display_id is True else display_id
+    if update and not display_id:
+        raise ValueError("display(..., update=True) needs the display_id of the display to update")
+    transient = {"display_id": display_id} if display_id else {}
+    for obj in objs:
+        data, md = (obj, {}) if raw else mimebundle(obj)
+        if include:  # IPython's display_html() and the like: that mimetype only
+            data = {mime: value for mime, value in data.items() if mime in include}
+        if not kernel["silent"]:  # silent code broadcasts nothing
+            publish("update_display_data" if update else "display_data",
+                    {"data": data, "metadata": {**md, **(metadata or {})},
+                     "transient": transient}, kernel["cell"])
+    return DisplayHandle(display_id) if display_id else None
 
 
-def comm_info_request(msg: dict) -> dict:
-    "Which comms are open, and their targets: all, or those of the target_name asked for."
-    wanted = msg["content"].get("target_name")
-    return {"status": "ok", "comms": {comm_id: {"target_name": comm.target_name}
-                                      for comm_id, comm in comms.items()
-                                      if wanted in (None, comm.target_name)}}
+def update_display(obj, *, display_id: str, **kwargs):
+    "Replace the display that has this display_id."
+    display(obj, display_id=display_id, update=True, **kwargs)
 
 
-def comm_open(msg: dict):
-    "A frontend opens a comm: our end goes to its target's handler; no such target, we close it."
-    c = msg["content"]
-    handler = targets.get(c["target_name"])
-    if handler is None:  # closed at once, so that the frontend does not wait
-        log(f"comm_open: no comm target {c['target_name']!r}, comm {c['comm_id']!r} closed")
-        publish("comm_close", {"comm_id": c["comm_id"], "data": {}}, msg["header"])
-        return
-    comm = Comm(c["target_name"], comm_id=c["comm_id"], primary=False)
-    if not comm_callback(handler, comm, msg):
-        comm.close()
+class DisplayHandle:
+    "What display(..., display_id=...) returns: update() replaces that display, display() adds one."
+
+    def __init__(self, display_id: str):
+        self.display_id = display_id
+
+    def display(self, obj, **kwargs):
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj, **kwargs):
+        update_display(obj, display_id=self.display_id, **kwargs)
 
 
-def comm_msg(msg: dict):
-    "Data for one of our comms: its on_msg callback gets the whole message, buffers included."
-    if comm := known_comm(msg):
-        comm_callback(comm.handle_msg, msg)
+def clear_output(wait: bool = False):
+    "Clear this cell's output now, or (wait=True) just before the next output arrives."
+    if not kernel["silent"]:
+        publish("clear_output", {"wait": wait}, kernel["cell"])
 
 
-def comm_close(msg: dict):
-    "A frontend closed a comm: forget it, and tell its on_close callback."
-    if comm := known_comm(msg):
-        comm.closed = True
-        del comms[comm.comm_id]
-        comm_callback(comm.handle_close, msg)
+################ Completion and help: Tab, Shift-Tab and "is this cell complete?" for Python
 
-
-def known_comm(msg: dict) -> Optional[Comm]:
-    "The comm a message is for; an unknown comm_id is logged, and the message dropped."
-    comm_id = msg["content"]["comm_id"]
-    if comm_id not in comms:
-        log(f"{msg['header']['msg_type']} for unknown comm_id {comm_id!r}: dropped")
-    return comms.get(comm_id)
-
-
-################ Shell handlers: one request in, one reply out
-
-# Each handler takes a request and returns its reply's content, built right there; dispatch()
-# sends it as <name>_reply. A handler that returns None sends no reply (comm messages).
-
-LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype": "text/x-python",
-                 "file_extension": ".py", "pygments_lexer": "python3",
-                 "codemirror_mode": {"name": "ipython", "version": 3},
-                 "nbconvert_exporter": "python"}
-BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
-          "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
-          " !cmd for the shell.")
-DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
-
-
-def execute_request(msg: dict) -> dict:
-    "Run a cell: execute_input, then its outputs on iopub, then this reply."
-    c = msg["content"]
-    code, silent = c.get("code"), bool(c.get("silent", False))
-    expressions = c.get("user_expressions") or {}
-    if not isinstance(code, str) or not isinstance(expressions, dict):  # nothing runs
-        kernel["starting"] = False
-        return execute_reply("error", ename="TypeError", traceback=[], evalue=(
-            "execute_request needs code as a string and user_expressions as an object"))
-    store = c.get("store_history", True) and not silent
-    n = kernel["execution_count"]
-    if not silent:
-        kernel["cell"] = msg["header"]
-        publish("execute_input", {"code": code, "execution_count": n}, msg["header"])
-    kernel["payload"], kernel["silent"] = [], silent
-    try:
-        error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
-    finally:
-        with iopub_lock:
-            read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
-        kernel["silent"] = False
-    if store:
-        kernel["history"].append((n, code, result))  # a deque: the oldest cell falls out
-        kernel["execution_count"] += 1
-        import linecache  # run_cell imported it; this only names it here
-        linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
-    if error:
-        if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
-            kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
-        return execute_reply("error", kernel["payload"], **error)
-    return execute_reply("ok", kernel["payload"],
-                         {k: user_expression(v) for k, v in expressions.items()})
-
-
-def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
-                  **error) -> dict:
-    "An execute_reply with every field, whatever the status (the count: this cell's, or the last)."
-    return {"status": status, "execution_count": kernel["execution_count"] - 1,
-            "payload": list(payload), "user_expressions": expressions or {}, **error}
-
-
-def user_expression(expr: str) -> dict:
-    "Evaluate one of an execute_request's user_expressions, for the frontend's own use."
-    try:
-        data, metadata = mimebundle(eval(expr, user.__dict__))
-        return {"status": "ok", "data": data, "metadata": metadata}
-    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
-        return {"status": "error", **error_content(e)}
-
-
-def drain(sock: zmq.Socket) -> list:
-    "Every message waiting on a socket right now."
-    frames = []
-    while sock.poll(0):
-        frames.append(sock.recv_multipart())
-    return frames
-
-
-def aborted_execute(msg: dict) -> dict:
-    "An execute_request queued behind a failed cell is not run (stop_on_error)."
-    return execute_reply("aborted")
-
-
-def kernel_info_request(msg: dict) -> dict:
-    "Who answers: protocol version, implementation, and the language it runs."
-    return {"status": "ok", "protocol_version": PROTOCOL_VERSION, "implementation": "minikernel",
-            "implementation_version": __version__, "language_info": LANGUAGE_INFO,
-            "banner": BANNER, "debugger": False, "supported_features": [],
-            "help_links": [{"text": "Python", "url": "https://docs.python.org/3/"}]}
+# The protocol asks three questions that only the language can answer: what could finish the
+# word at the cursor (complete_request), what is this name (inspect_request), and does Enter
+# run the cell or start a new line (is_complete_request). Python answers them here, without
+# running the user's code: attributes are looked up statically, and a slow __dir__ or
+# __repr__ can be interrupted.
 
 
 def resolve(name: str):
@@ -1211,277 +1531,11 @@ def has_body(statement) -> bool:
     return any(hasattr(statement, field) for field in ("body", "cases"))  # cases: match
 
 
-def history_request(msg: dict) -> dict:
-    "This session's inputs: the last n (tail), a range of lines, or those matching a glob."
-    import fnmatch
-    c, rows = msg["content"], list(kernel["history"])
-    kind = c.get("hist_access_type")
-    if kind == "tail":
-        rows = rows[-c["n"]:] if c.get("n") else rows
-    elif kind == "range":
-        if c.get("session", 0) not in (0, 1):  # 0 is the current session; there is no other
-            rows = []
-        start, stop = c.get("start") or 1, c.get("stop")
-        rows = [r for r in rows if start <= r[0] and (stop is None or r[0] < stop)]
-    elif kind == "search":
-        rows = [r for r in rows if fnmatch.fnmatchcase(r[1], c.get("pattern") or "*")]
-        if c.get("unique"):  # the latest run of each distinct input
-            latest = {r[1]: r for r in rows}
-            rows = sorted(latest.values())
-        rows = rows[-c["n"]:] if c.get("n") else rows
-    else:
-        raise ValueError(f"hist_access_type must be tail, range or search, not {kind!r}")
-    entries = [[1, n, [code, out] if c.get("output") else code] for n, code, out in rows]
-    return {"status": "ok", "history": entries}
-
-
-def connect_request(msg: dict) -> dict:
-    "Where the kernel listens (deprecated in the spec, still answered): its five ports."
-    return {"status": "ok", **{f"{name}_port": kernel["connection"][f"{name}_port"]
-                               for name in CHANNELS}}
-
-
-SHELL_HANDLERS = {
-    "execute_request": execute_request,
-    "kernel_info_request": kernel_info_request,
+SHELL_HANDLERS.update({  # the language's own requests, registered with the protocol's
     "complete_request": complete_request,
     "inspect_request": inspect_request,
     "is_complete_request": is_complete_request,
-    "history_request": history_request,
-    "comm_info_request": comm_info_request,
-    "connect_request": connect_request,
-    "comm_open": comm_open,
-    "comm_msg": comm_msg,
-    "comm_close": comm_close,
-}
-
-
-def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
-    "Check a request, bracket it with busy and idle on iopub, run its handler, send its reply."
-    session = kernel["session"]
-    try:
-        msg = from_frames(session, frames)
-    except ValueError as e:  # unsigned, forged, replayed or malformed: never acted upon
-        log(f"{channel}: dropped a message: {e}")
-        return
-    trace("<-", channel, msg)
-    msg_type, header = msg["header"]["msg_type"], msg["header"]
-    reply_type = msg_type[: -len("request")] + "reply" if msg_type.endswith("_request") else ""
-
-    def answer(content: dict) -> list:  # [ids..., <IDS|MSG>, ...], routed back to the asker
-        with iopub_lock:  # the output first: a frontend may take the reply to mean "all done"
-            flush_output()
-        reply = new_msg(session, reply_type, content, header)
-        trace("->", channel, reply)
-        return to_frames(session, reply, msg["ids"])
-
-    if channel == "shell":
-        kernel["parent"] = msg
-        if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
-            kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
-    status("busy", header)
-    reply = None
-    try:
-        if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
-            reply = answer({"status": "error", "ename": "NotImplementedError", "traceback": [],
-                            "evalue": f"{msg_type} is not supported by minikernel on {channel}"})
-        elif msg_type not in handlers:
-            log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
-        elif (content := handlers[msg_type](msg)) is not None and reply_type:
-            reply = answer(content)  # serialized here: a reply that cannot be is an error too
-    except (Exception, KeyboardInterrupt) as e:  # signed, but nonsense: say so, keep serving
-        log(f"{channel}: {msg_type} failed: {type(e).__name__}: {e}")
-        error = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
-        reply = answer(error) if reply_type else None
-    if reply:
-        with uninterrupted():  # in the main thread, a whole reply or none
-            send_frames(sock, reply)
-    if output["sent"] > TRIM_AFTER:  # after the reply, before idle: idle means all done
-        give_back_memory()
-    status("idle", header)
-
-
-ABORT_HANDLERS = {**SHELL_HANDLERS, "execute_request": aborted_execute}
-
-
-def serve_shell(shell: zmq.Socket):
-    "The main thread: take shell requests one at a time, in order, and run them."
-    while True:
-        if signal.getsignal(signal.SIGINT) is not on_sigint:  # a cell (or a library) took it:
-            signal.signal(signal.SIGINT, on_sigint)  # ours again, before the kernel waits
-        frames = recv_interruptibly(shell)  # sets "starting"
-        dispatch("shell", shell, frames, SHELL_HANDLERS)
-        kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
-        queued, kernel["queued"] = kernel["queued"], []
-        for frames in queued:  # behind a failed cell: answered, but no code runs
-            dispatch("shell", shell, frames, ABORT_HANDLERS)
-
-
-################ Control: shutdown and interrupt, even while a cell runs
-
-# Control has its own socket and its own thread, so a frontend can stop or interrupt a kernel
-# whose main thread is busy. Both act on the main thread through SIGINT: Python runs signal
-# handlers in the main thread, and a signal wakes it from time.sleep, input() or a socket wait.
-
-# How many SIGINTs the main thread has taken (see interrupt_request). A count, not an Event:
-# Event.set takes a lock, and a second SIGINT whose handler ran inside the first one's set
-# would wait for that lock for good, or nest deeper with every signal of a storm.
-sigints = {"taken": 0}
-
-
-def on_sigint(signum, frame):
-    "SIGINT: KeyboardInterrupt in running user code, nothing when idle, SystemExit at shutdown."
-    # A handler is Python code, so the next signal can run it again from inside itself (at a
-    # call, such as shell.poll); in a storm that nested without end. The one running speaks
-    # for all.
-    if kernel["in_sigint"]:
-        return
-    kernel["in_sigint"] = True
-    try:
-        sigints["taken"] += 1
-        if kernel["exiting"]:
-            raise SystemExit(0)
-        # Not in user code, it is for the request being started, or for one already waiting
-        # on shell (an interrupt_request sent right after its execute_request can overtake it),
-        # or for nothing: it came after its cell ended. The main thread owns shell: may poll it.
-        kernel["interrupted"] = (kernel["running"] or kernel["starting"]
-                                 or bool(kernel["sockets"]["shell"].poll(0)))
-        if not kernel["sending"]:
-            interrupt_now()
-    finally:
-        kernel["in_sigint"] = False
-
-
-def interrupt_now():
-    "Raise the waiting interrupt, if user code runs to take it (idle, it is forgotten)."
-    if kernel["interrupted"] and kernel["running"]:
-        kernel["interrupted"] = False
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def uninterrupted():
-    "In the main thread, an interrupt that comes inside waits until the end."
-    # Raised between two frames, it would leave half a message; raised while output taken
-    # from the buffer is being sent, it would drop the rest of it.
-    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
-        yield  # signals reach the main thread only; or we are inside already
-        return
-    kernel["sending"] = True
-    try:
-        yield
-    finally:
-        kernel["sending"] = False
-    interrupt_now()
-
-
-SNDMORE = int(zmq.SNDMORE)
-
-
-def send_frames(sock: zmq.Socket, frames: list):
-    "sock.send_multipart(frames), shaped for speed: it ORs flag enums, 2 µs a frame; ints don't."
-    for frame in frames[:-1]:
-        sock.send(frame, SNDMORE)
-    sock.send(frames[-1])
-
-
-def recv_interruptibly(sock: zmq.Socket) -> list:
-    "Wait for a message in the main thread, waking for any signal so its handler runs at once."
-    # A signal that lands just before a blocking recv would go unnoticed until the next
-    # message. So every signal also writes a byte to the wakeup pipe, and we wait on both.
-    while True:
-        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])
-        if kernel["wakeup"] in readable:
-            os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
-        if sock in readable:
-            if sock is kernel["sockets"]["shell"]:  # a request is here, still on the socket (so
-                kernel["starting"] = True  # on_sigint sees it): an interrupt is for it from now
-            return sock.recv_multipart()
-
-
-def leave():
-    "Shut down from any thread: the main thread unwinds, cleans up and exits; after 1 s, force it."
-    kernel["exiting"] = True
-    force_exit_soon()
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-
-def force_exit_soon():
-    "Exit within 1 s even if user code swallows SystemExit, or its threads or atexit handlers hang."
-    timer = threading.Timer(1.0, force_exit)
-    timer.daemon = True  # a non-daemon timer would itself hold up the exit it is there to force
-    timer.start()
-
-
-def exit_without_teardown():
-    "The last atexit handler: flush every file still open, then exit without the teardown."
-    # A normal exit then clears every module and collects every object: 20 ms or more, most
-    # of the time a shutdown takes. What a script relies on at exit is done by now: the atexit
-    # handlers have run, and every open file is flushed here. (Python does not promise that
-    # __del__ methods run at exit; here they do not.)
-    import gc
-    buffered = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)  # (not the ABC io.IOBase:
-    for obj in gc.get_objects():  # an isinstance() of it costs ten times more, on every object)
-        if isinstance(obj, buffered):
-            with contextlib.suppress(Exception):  # closed, detached, or its disk is gone
-                obj.flush()
-    os._exit(kernel["exit_code"])
-
-
-def force_exit():
-    "Exit now, tidying only the connection file."
-    remove_connection_file()
-    os._exit(0)
-
-
-def interrupt_request(msg: dict) -> dict:
-    "Raise KeyboardInterrupt in the running cell, as Ctrl-C would; harmless when idle."
-    # Python runs signal handlers only at certain points between bytecodes. A signal that
-    # lands after the last one before a blocking call (time.sleep, a lock) is seen only when
-    # the call returns; if the main thread was waiting for the GIL there, that window lasts
-    # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
-    # the call.
-    for _ in range(2):
-        before, deadline = sigints["taken"], time.monotonic() + 0.1
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        while sigints["taken"] == before and time.monotonic() < deadline:
-            time.sleep(0.002)
-        if sigints["taken"] != before:
-            break
-    return {"status": "ok"}
-
-
-def shutdown_request(msg: dict) -> dict:
-    "Agree to shut down. To restart, the frontend's manager starts a new process after this one."
-    kernel["exiting"] = True
-    return {"status": "ok", "restart": bool(msg["content"].get("restart", False))}
-
-
-CONTROL_HANDLERS = {
-    "shutdown_request": shutdown_request,
-    "interrupt_request": interrupt_request,
-    "kernel_info_request": kernel_info_request,  # 5.5: is it alive, even while shell is busy?
-}
-
-
-def serve_control(control: zmq.Socket):
-    "The control thread: answer control requests until one of them is a shutdown."
-    try:
-        while not kernel["exiting"]:
-            dispatch("control", control, control.recv_multipart(), CONTROL_HANDLERS)
-    except zmq.ContextTerminated:  # the main thread is already shutting down
-        control.close()
-        return
-    control.close()  # its linger still delivers the shutdown_reply
-    leave()
-
-
-def watch_parent(parent: int):
-    "Leave when the process that launched us is gone (jupyter_client sets JPY_PARENT_PID)."
-    while os.getppid() == parent:
-        time.sleep(1)
-    log("the process that started this kernel died: shutting down")  # not a routine exit
-    leave()
+})
 
 
 ################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd

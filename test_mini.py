@@ -3838,6 +3838,22 @@ def test_readme_maps_every_section_in_reading_order():
         assert where == sorted(where), f"README map has {script}'s sections out of order"
 
 
+def test_the_protocol_comes_first_and_the_readme_says_how_long_it_is():
+    with open(KERNEL) as f:
+        lines = f.read().splitlines()
+    one = next(i for i, line in enumerate(lines) if line.startswith("# Part one: the protocol"))
+    two = next(i for i, line in enumerate(lines) if line.startswith("# Part two: Python"))
+    banners = {line[17:].split(":")[0]: i for i, line in enumerate(lines)
+               if line.startswith("################ ")}
+    protocol = ("Connection file", "Wire format", "Heartbeat", "iopub", "stdin",
+                "Shell handlers", "Signals", "Control", "Comms")
+    assert all(one < banners[name] < two for name in protocol)
+    assert all(banners[name] > two for name in banners if name not in protocol)
+    said = re.search(r"about ([\d,]+) of its ([\d,]+) lines", readme())
+    part, whole = (int(n.replace(",", "")) for n in said.groups())
+    assert abs(part - (two - one)) < 0.05 * part and abs(whole - len(lines)) < 0.05 * whole
+
+
 def protocol_table() -> dict:
     "README's protocol table: {msg_type: its minikernel column (yes, no or refused)}."
     text = readme()
