@@ -8,7 +8,7 @@ whose ports and signing key the kernel writes into a connection file:
     console (this process)                           kernel (minikernel, ipykernel, ...)
     shell    DEALER --- execute_request ----->  ROUTER  run code, complete, is_complete,
                     <-- execute_reply --------          kernel_info: one reply per request
-    control  DEALER --- interrupt_request --->  ROUTER  served even while shell is busy
+    control  DEALER --- interrupt, shutdown ->  ROUTER  served even while shell is busy
     stdin    DEALER <-- input_request --------  ROUTER  the kernel asks us for a line
                     --- input_reply --------->          (input(), pdb): same zmq identity
                                                         as shell, so it can address us
@@ -30,9 +30,10 @@ hb, so that a dead kernel is noticed within seconds (a stopped one is waited for
     printf 'x = 1\\nprint(x + 1)\\n' | python miniconsole.py --existing   piped: outputs only
 
 The kernel decides when a cell is complete; Tab completes; history is kept. Ctrl-C interrupts
-a running cell, on any kernel, also one we did not start; at the prompt it clears the line.
-Ctrl-D, exit or quit leave; a kernel we did not start stays alive. exit() run in a cell (an
-ask_exit payload) stops the kernel too, as in jupyter console; quit(keep_kernel=True) keeps it.
+a running cell, on any kernel, also one we did not start; at the prompt it drops the cell
+being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start stays
+alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
+console; quit(keep_kernel=True) keeps it.
 Piped, cells come from stdin (a blank line inside an indented block does not end it when the
 next line is still indented, as in a file), input() takes the next line, only the cells'
 output is printed, and the exit status is 1 if any cell raised. A silent heartbeat is reported
@@ -78,7 +79,7 @@ KERNEL_DIED = 3  # exit code; 1 means no kernel was found, or (piped) a cell rai
 #   {"shell_port": 41477, "iopub_port": 33687, "stdin_port": 34147, "control_port": 35183,
 #    "hb_port": 49955, "ip": "127.0.0.1", "transport": "tcp", "key": "b115...",
 #    "signature_scheme": "hmac-sha256", "kernel_name": ""}
-# Kernels write theirs into Jupyter's runtime dir, and that is where --existing looks.
+# Kernels write theirs into Jupyter's runtime dir; --existing looks there and in ".".
 
 
 def data_dir() -> str:
@@ -152,8 +153,9 @@ PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
 # Made once: json.dumps with options builds an encoder per call, a microsecond each time.
 ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
-REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
-# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+# Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
+# halves, of which the older is forgotten whole.
+REPLAY_MEMORY = 2**16
 HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
@@ -218,7 +220,7 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        seen = hash(signature)  # a 36-byte int, not a 97-byte string (false match: 1 in 2**48)
         if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
@@ -687,7 +689,7 @@ def read_line(con: Console, prompt: str, indent: str = "", password: bool = Fals
         return getpass.getpass(prompt) if password and con.tty else input(prompt)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        con.reading, con.prompt = False, None
+        con.reading, con.prompt, con.erased = False, None, False  # the next read draws anew
         readline.set_pre_input_hook()
 
 

@@ -97,16 +97,17 @@ kernel = {
     # frames the shell ROUTER put in front of it: the asker's identity, which addresses the
     # reply (and, on stdin, whose DEALER shares that identity, the input_request).
     "parent": {"header": {}, "content": {}, "ids": []},
-    "cell": {},  # header of the request whose user code runs, or ran last (an execute_request,
-    # or a comm message whose callback runs): what output belongs to
+    # The header of the request whose user code runs, or ran last (an execute_request, or a
+    # comm message whose callback runs): the parent of the output that threads print.
+    "cell": {},
     "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
     "execution_count": 1,  # the N of the next In[N]
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
-    "payload": [],  # execute_reply payloads of the running cell (the pager)
+    "payload": [],  # execute_reply payloads of the running cell (the pager, ask_exit)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
     "interrupted": False,  # a SIGINT is waiting to be raised in user code
     "starting": False,  # a shell request is here and its code has not started yet
-    "sending": False,  # the main thread is sending output: no raising now (see uninterrupted)
+    "sending": False,  # the main thread is sending a message: no raising now (see uninterrupted)
     "in_sigint": False,  # on_sigint is running: a signal that comes meanwhile adds nothing
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
@@ -226,8 +227,9 @@ PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
 # Made once: json.dumps with options builds an encoder per call, a microsecond each time.
 ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
-REPLAY_MEMORY = 2**16  # signatures remembered at most, to reject a replayed message (the last
-# half of them at least: they are kept in two halves, and the older half is forgotten whole)
+# Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
+# halves, of which the older is forgotten whole.
+REPLAY_MEMORY = 2**16
 HEADER_DEPTH = 32  # how deep lists and objects may nest in a header (any JSON, but not a bomb)
 
 
@@ -292,7 +294,7 @@ def from_frames(session: dict, frames: list) -> dict:
     if session["auth"] is not None:
         if not signature:
             raise ValueError("unsigned message")
-        seen = hash(signature)  # a 32-byte int, not a 97-byte string (false match: 1 in 2**48)
+        seen = hash(signature)  # a 36-byte int, not a 97-byte string (false match: 1 in 2**48)
         if seen in session["seen"] or seen in session["seen_before"]:
             raise ValueError("replayed message (signature seen before)")
         if not hmac.compare_digest(signature, sign(session, parts)):
@@ -324,8 +326,9 @@ def nested_deeper(value, levels: int) -> bool:
 
 ################ Heartbeat: proof of life
 
-# Frontends ping hb about once a second and worry after a second or so of silence
-# (jupyter_client's heartbeat channel: time_to_dead, 1 s; miniconsole: HB_SILENCE, 1.5 s).
+# Frontends ping hb often (jupyter_client each second, miniconsole on every echo) and worry
+# after a second or so of silence (jupyter_client: time_to_dead, 1 s; miniconsole: HB_SILENCE,
+# 1.5 s).
 # User code may hold the GIL for minutes (a long C call, a tight loop), so the echo must not
 # need Python: zmq.proxy runs in C with the GIL released. A ROUTER proxied to itself sends
 # each [identity, b"", ping] straight back to the frontend it came from.
@@ -354,7 +357,7 @@ def heartbeat(hb: zmq.Socket):
 # way, a nested write only adds to the buffer, and a nested message joins the queue that the
 # send under way empties.
 
-FLUSH_INTERVAL = 0.05  # seconds between output flushes while code runs
+FLUSH_INTERVAL = 0.05  # seconds between the ticker's flushes of buffered output
 FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream messages
 # A longer text goes out in pieces of PIECE_SIZE, so no message is huge. Shaped for speed too:
 # the frontend decodes one piece while we encode the next, so a 10 MiB print arrives in two
@@ -495,8 +498,10 @@ def buffer_output(name: str, text: str):
     if runs and runs[-1][0] == name:
         texts = runs[-1][1]
         texts.append(text)
-        if len(texts) >= 1000:  # a print loop: keep one string, not thousands of small
-            texts[:] = ["".join(texts)]  # ones that scatter over the allocator's arenas
+        # A print loop: keep one string, not thousands of small ones that scatter over the
+        # allocator's arenas.
+        if len(texts) >= 1000:
+            texts[:] = ["".join(texts)]
     else:  # stdout and stderr interleave in the order they were written
         runs.append([name, [text]])
     output["size"] += len(text)
@@ -606,8 +611,9 @@ def execute_request(msg: dict) -> dict:
         import linecache  # run_cell imported it; this only names it here
         linecache.cache.pop(f"<Cell In[{n - CELLS_KEPT}]>", None)  # its lines go too
     if error:
-        if c.get("stop_on_error", True) and not silent:  # sent before the error was known:
-            kernel["queued"] = drain(kernel["sockets"]["shell"])  # taken before the reply goes
+        # Requests sent before the error was known are taken now, before the reply goes.
+        if c.get("stop_on_error", True) and not silent:
+            kernel["queued"] = drain(kernel["sockets"]["shell"])
         return execute_reply("error", kernel["payload"], **error)
     return execute_reply("ok", kernel["payload"],
                          {k: user_expression(v) for k, v in expressions.items()})
@@ -658,7 +664,7 @@ def history_request(msg: dict) -> dict:
     if kind == "tail":
         rows = rows[-c["n"]:] if c.get("n") else rows
     elif kind == "range":
-        if c.get("session", 0) not in (0, 1):  # 0 is the current session; there is no other
+        if c.get("session", 0) not in (0, 1):  # 0 or 1: this session, the only one (entries: 1)
             rows = []
         start, stop = c.get("start") or 1, c.get("stop")
         rows = [r for r in rows if start <= r[0] and (stop is None or r[0] < stop)]
@@ -827,8 +833,10 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
         if kernel["wakeup"] in readable:
             os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
         if sock in readable:
-            if sock is kernel["sockets"]["shell"]:  # a request is here, still on the socket (so
-                kernel["starting"] = True  # on_sigint sees it): an interrupt is for it from now
+            # A request is here, still on the socket, so on_sigint sees it: an interrupt from
+            # now on is for it.
+            if sock is kernel["sockets"]["shell"]:
+                kernel["starting"] = True
             return sock.recv_multipart()
 
 
@@ -877,8 +885,9 @@ def exit_without_teardown():
     # handlers have run, and every open file is flushed here. (Python does not promise that
     # __del__ methods run at exit; here they do not.)
     import gc
-    buffered = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)  # (not the ABC io.IOBase:
-    for obj in gc.get_objects():  # an isinstance() of it costs ten times more, on every object)
+    # Not the ABC io.IOBase: an isinstance() of it costs ten times more, on every object.
+    buffered = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
+    for obj in gc.get_objects():
         if isinstance(obj, buffered):
             with contextlib.suppress(Exception):  # closed, detached, or its disk is gone
                 obj.flush()
@@ -888,7 +897,7 @@ def exit_without_teardown():
 def force_exit():
     "Exit now, tidying only the connection file."
     remove_connection_file()
-    os._exit(0)
+    os._exit(kernel["exit_code"])
 
 
 def shutdown_request(msg: dict) -> dict:
@@ -1207,8 +1216,8 @@ CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compil
 
 def run_code(codes: list):
     "Run a cell's statements, then its last expression, in the user's namespace: its value."
-    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: all of the cell
-        return run_on_loop(run_async(codes))  # runs on the event loop
+    if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: the whole
+        return run_on_loop(run_async(codes))  # cell runs on the event loop
     for code in codes:
         value = eval(code, user.__dict__)
     return value
@@ -1230,9 +1239,11 @@ def run_on_loop(coroutine):
     task = loop.create_task(coroutine)
     try:
         loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
-    except BaseException:  # interrupted, or shutting down: cancel the task, and let it run its
-        task.cancel()  # finally blocks; a second interrupt (interrupt_request may send two)
-        kernel["running"] = False  # waits, so it cannot cut them short; a shutdown still can
+    except BaseException:  # interrupted, or shutting down
+        # Cancel the task and let its finally blocks run. running is False, so another SIGINT
+        # raises nothing there; a shutdown's SystemExit still cuts them short.
+        task.cancel()
+        kernel["running"] = False
         with contextlib.suppress(BaseException):
             loop.run_until_complete(asyncio.wait([task]))
         raise
@@ -1538,7 +1549,7 @@ SHELL_HANDLERS.update({  # the language's own requests, registered with the prot
 })
 
 
-################ Magics: the seed's %connect_info, %console, %debug, and obj?; !cmd
+################ Magics: %connect_info, %console, %debug, %matplotlib, obj? and !cmd
 
 def magic(name: str, arg: str):
     "Run %name with its argument string."
@@ -1645,7 +1656,7 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
           "matplotlib": matplotlib_magic}
 
 
-################ Optional integrations: comm, IPython.display and matplotlib, when imported
+################ Optional integrations: comm, IPython.display, matplotlib, ipywidgets
 
 # None of these is imported at startup, and the kernel needs none of them. A finder at the
 # head of sys.meta_path watches imports instead: when the user's code first imports one, the
@@ -1961,7 +1972,9 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     sys.stdout, sys.stderr = Stream("stdout", 1), Stream("stderr", 2)
     capture_fds()
     os.register_at_fork(after_in_child=in_forked_child)
-    atexit.register(exit_without_teardown)  # registered first, it runs last: after the user's
+    # Registered before the user's, it runs after them (last in, first out). pyzmq's own, from
+    # its import, comes after it and is skipped: it only marks contexts as not to be restarted.
+    atexit.register(exit_without_teardown)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
@@ -1987,8 +2000,8 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
         pass
     except BaseException as e:  # a bug in this file: say so, and still clean up
         log(f"crashed: {type(e).__name__}: {e}")
+        code = kernel["exit_code"] = 1  # (a forced exit, too, says that it failed)
         force_exit_soon()
-        code = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # no more interruptions: we are leaving
     with iopub_lock:
         flush_output()
