@@ -556,7 +556,7 @@ def user_input(prompt: object = "") -> str:
     try:
         return input_request(str(prompt))
     except KeyboardInterrupt:
-        if at_pdb_prompt():
+        if at_pdb_prompt():  # Python's debugger would only prompt again (see Part two)
             raise LeaveDebugger from None
         raise
 
