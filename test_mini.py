@@ -3784,6 +3784,21 @@ def test_two_frontends_share_the_namespace_and_the_count(demo):
     assert read.execution_count == start.execution_count + 2  # the other frontend's took one
 
 
+def test_two_frontends_cells_wait_for_a_request_still_in_flight():
+    """The other frontend says it sent, but its request is slow to arrive (a loaded machine).
+    The notebook's next cell still runs after it: were it first, it would wait on a request
+    queued behind itself, and time out."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    start = cell(nb, "import subprocess")
+    sent = 'print("the other frontend sent its request", flush=True)\n'
+    assert sent in start.source
+    start.source = start.source.replace(sent, "").replace(
+        "request = client.send(", sent + "import time; time.sleep(2)\nrequest = client.send(")
+    nb.cells = nb.cells[: nb.cells.index(start) + 2]  # up to the cell that reads its answer
+    run_notebook(nb, os.environ["JUPYTER_RUNTIME_DIR"])  # a CellExecutionError fails it
+    assert "here, from_there is 'SET IN THE NOTEBOOK'" in stdout(nb.cells[-1])
+
+
 def test_input_without_stdin_fails_at_once_with_a_clear_error(demo):
     nb, _ = demo
     (error,) = errors(cell(nb, "name = input("))
