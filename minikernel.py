@@ -366,7 +366,8 @@ PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
 output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
-          "queue": deque(), "sending": False}  # messages to send, and a send is under way
+          "queue": deque(), "sending": False,  # messages to send, and a send is under way
+          "status": None}  # the latest status of a request: (content, parent)
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
@@ -442,7 +443,10 @@ def publish(msg_type: str, content: dict, parent: Optional[dict] = None, **extra
 
 def status(state: str, parent: Optional[dict] = None):
     "Tell every frontend what the kernel is doing: starting, busy or idle (with whose request)."
-    publish("status", {"execution_state": state}, parent)
+    with iopub_lock:
+        publish("status", {"execution_state": state}, parent)
+        if parent:  # told again to each new subscriber (see iopub_ticker)
+            output["status"] = ({"execution_state": state}, parent)
 
 
 def iopub_ticker(iopub: zmq.Socket):
@@ -452,6 +456,7 @@ def iopub_ticker(iopub: zmq.Socket):
         with iopub_lock:
             if iopub.closed:
                 return
+            welcomed = False
             while iopub.poll(0):
                 event = iopub.recv()  # b"\x01" + topic: a frontend subscribed; b"\x00": it left
                 if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
@@ -459,6 +464,12 @@ def iopub_ticker(iopub: zmq.Socket):
                     # Published on that topic, so zmq's prefix matching hands it to everyone
                     # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
+                    welcomed = True
+            # Then the latest status, once more: jupyter console sends its first cell without
+            # waiting for the welcome, and if its subscription came after that cell's idle, it
+            # would wait for that idle for ever.
+            if welcomed and output["status"]:
+                send_iopub("status", *output["status"])
             flush_output()
 
 

@@ -596,6 +596,26 @@ def test_each_new_subscriber_gets_its_own_welcome(kernel):
             raw.close()
 
 
+def test_a_subscriber_too_late_for_its_idle_still_hears_it(kernel):
+    """jupyter console sends its first cell without waiting for iopub_welcome. Its subscription
+    can arrive after that cell's idle went out: the welcome repeats the latest status."""
+    km, _ = kernel
+    conn = km.get_connection_info()
+    raw = Raw({**conn, "key": conn["key"].decode()})
+    try:
+        raw.iopub.close()  # no subscriber of ours yet: the cell runs and ends unheard
+        reply = raw.request("execute_request", {"code": "x = 1", "silent": False})
+        late = raw.iopub = raw.connect(conn, "iopub", zmq.SUB)
+        late.setsockopt(zmq.SUBSCRIBE, b"")
+        assert raw.recv(late, timeout=5)["msg_type"] == "iopub_welcome"
+        msg = raw.recv(late, timeout=5)
+        assert msg["msg_type"] == "status"
+        assert msg["content"] == {"execution_state": "idle"}
+        assert msg["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+    finally:
+        raw.close()
+
+
 ################ Watching the wire: the kernel's --show-messages
 
 
