@@ -6,6 +6,7 @@ Everything runs in a temporary Jupyter runtime and data dir, never the user's ow
 """
 
 import atexit
+import importlib.util
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ import miniconsole
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL = os.path.join(HERE, "minikernel.py")
 TIMEOUT = 15
+# How the kernelspec starts the kernel: imported, so that its bytecode cache is used.
+LAUNCH = f"import sys; sys.path[0] = {HERE!r}; import minikernel; minikernel.main(sys.argv[1:])"
 
 # One temporary Jupyter home for the whole run, with the minikernel kernelspec installed in it:
 # set before any client or kernel starts, so nothing touches the user's own dirs.
@@ -695,7 +698,7 @@ def test_install_show_messages_writes_a_tracing_kernelspec(tmp_path):
                     "--show-messages"], check=True, capture_output=True, timeout=TIMEOUT)
     spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel-trace/kernel.json")
                       .read_text())
-    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}", "--show-messages"]
+    assert spec["argv"][1:] == ["-c", LAUNCH, "-f", "{connection_file}", "--show-messages"]
     assert spec["display_name"] == "Python 3 (minikernel-trace)"
 
 
@@ -1654,7 +1657,7 @@ def test_option_equals_value_form(tmp_path):
                           "--name=eq"], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr
     spec = json.loads((tmp_path / "share/jupyter/kernels/eq/kernel.json").read_text())
-    assert spec["argv"][1:] == [KERNEL, "-f", "{connection_file}"]
+    assert spec["argv"][1:] == ["-c", LAUNCH, "-f", "{connection_file}"]
 
 
 def test_install_writes_a_kernelspec_jupyter_can_launch(tmp_path):
@@ -1662,17 +1665,32 @@ def test_install_writes_a_kernelspec_jupyter_can_launch(tmp_path):
                     "mk-test"], check=True, capture_output=True)
     spec_file = tmp_path / "share" / "jupyter" / "kernels" / "mk-test" / "kernel.json"
     spec = json.loads(spec_file.read_text())
-    assert spec["argv"] == [sys.executable, KERNEL, "-f", "{connection_file}"]
+    assert spec["argv"] == [sys.executable, "-c", LAUNCH, "-f", "{connection_file}"]
     assert spec["language"] == "python" and spec["interrupt_mode"] == "message"
     env_path = os.environ["JUPYTER_PATH"]
     os.environ["JUPYTER_PATH"] = str(tmp_path / "share" / "jupyter")
     try:
         km, kc = start_new_kernel(kernel_name="mk-test", startup_timeout=TIMEOUT)
         assert run(kc, "1")[0]["status"] == "ok"
+        _, outputs = run(kc, "import sys, minikernel; print(minikernel.__spec__.name, sys.argv[0])")
+        assert text(outputs) == f"minikernel {KERNEL}\n"  # imported, not run as a script
         kc.stop_channels()
         km.shutdown_kernel()
     finally:
         os.environ["JUPYTER_PATH"] = env_path
+
+
+def test_the_kernelspec_starts_the_kernel_from_its_cached_bytecode(tmp_path):
+    "A script is compiled at every start, and the kernel keeps the memory that took."
+    subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path)], check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel/kernel.json").read_text())
+    python, c, launch = spec["argv"][:3]
+    out = subprocess.run([python, "-v", c, launch, "--help"], capture_output=True, text=True,
+                         timeout=TIMEOUT)  # -v: the import system says where code comes from
+    assert out.returncode == 0 and out.stdout.startswith("usage: python minikernel.py")
+    cached = importlib.util.cache_from_source(KERNEL)
+    assert f"# code object from '{cached}'" in out.stderr
 
 
 def test_pep723_metadata_declares_pyzmq():
@@ -3765,7 +3783,7 @@ def test_no_cell_errors_unless_tagged_and_tagged_cells_do(demo):
 def test_kernel_was_started_with_its_connection_file(demo):
     nb, conn = demo
     out = stdout(cell(nb, "import os\nimport sys"))
-    assert f"minikernel.py -f {conn['path']}" in out
+    assert f"its arguments: -f {conn['path']}\n" in out
 
 
 def test_notebook_connect_info_shows_its_kernels_ports_and_key(demo):

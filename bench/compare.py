@@ -41,7 +41,7 @@ MINIKERNEL = os.path.join(os.path.dirname(HERE), "minikernel.py")
 MINICONSOLE = os.path.join(os.path.dirname(HERE), "miniconsole.py")
 XEUS = "xeus-python"  # the interpreter of xeus-python's venv: --xeus-python or $XEUS_PYTHON
 COMMANDS = {  # a kernel's command line, without the connection file; XEUS is filled in by main
-    "minikernel": [sys.executable, MINIKERNEL, "-f"],
+    "minikernel": None,  # its kernelspec's, filled in by main: see kernelspec_argv
     "xeus-python --raw": [XEUS, "-m", "xpython_launcher", "--raw", "-f"],
     "xeus-python": [XEUS, "-m", "xpython_launcher", "-f"],
     "ipykernel": [sys.executable, "-m", "ipykernel_launcher", "-f"],
@@ -255,6 +255,18 @@ def fan_out(client, conn, samples):
         sub.close(linger=0)
     client.sync()
     return times
+
+
+def kernelspec_argv():
+    """minikernel's command line as Jupyter runs it: from the kernelspec that its install writes
+    (which also caches its bytecode), up to the connection file."""
+    with tempfile.TemporaryDirectory() as prefix:
+        subprocess.run([sys.executable, MINIKERNEL, "install", "--prefix", prefix], check=True,
+                       capture_output=True)
+        with open(os.path.join(prefix, "share", "jupyter", "kernels", "minikernel",
+                               "kernel.json")) as f:
+            argv = json.load(f)["argv"]
+    return argv[: argv.index("{connection_file}")]
 
 
 def start(name, ctx, tmp, err):
@@ -601,6 +613,8 @@ def main():
               + (" (see bench/requirements-bench.txt)" if "xeus" in name else ""),
               file=sys.stderr)
     running = [k for k in kernels if present[k]]
+    if "minikernel" in running:
+        COMMANDS["minikernel"] = kernelspec_argv()
     reps = args.reps or (3 if args.quick else 5)
     samples = 50 if args.quick else 200
 
