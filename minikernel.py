@@ -367,7 +367,7 @@ TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
 output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
           "queue": deque(), "sending": False,  # messages to send, and a send is under way
-          "status": None}  # the latest status of a request: (content, parent)
+          "status": None}  # the latest status of a shell request: (content, parent)
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
@@ -441,12 +441,12 @@ def publish(msg_type: str, content: dict, parent: Optional[dict] = None, **extra
         send_iopub(msg_type, content, parent, **extra)
 
 
-def status(state: str, parent: Optional[dict] = None):
+def status(state: str, parent: Optional[dict] = None, channel: str = "shell"):
     "Tell every frontend what the kernel is doing: starting, busy or idle (with whose request)."
     with iopub_lock:
         publish("status", {"execution_state": state}, parent)
-        if parent:  # told again to each new subscriber (see iopub_ticker)
-            output["status"] = ({"execution_state": state}, parent)
+        if parent and channel == "shell":  # told again to each new subscriber (iopub_ticker):
+            output["status"] = ({"execution_state": state}, parent)  # the cells', not control's
 
 
 def iopub_ticker(iopub: zmq.Socket):
@@ -728,7 +728,7 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
         kernel["parent"] = msg
         if handlers.get(msg_type) is not execute_request:  # an interrupt is for a cell, and
             kernel["interrupted"] = kernel["starting"] = False  # no cell runs here
-    status("busy", header)
+    status("busy", header, channel)
     reply = None
     try:
         if msg_type not in handlers and reply_type:  # a client waits: tell it, don't log it
@@ -747,7 +747,7 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
             send_frames(sock, reply)
     if output["sent"] > TRIM_AFTER:  # after the reply, before idle: idle means all done
         give_back_memory()
-    status("idle", header)
+    status("idle", header, channel)
 
 
 def serve_shell(shell: zmq.Socket):
@@ -1922,8 +1922,9 @@ def install(opts: dict):
     # import loads the bytecode cached in __pycache__ (compiled here, as pip compiles what it
     # installs), where a script is compiled afresh at every start, and the memory that takes
     # stays with the kernel for good (4 MiB, a sixth of it). A stale cache is simply not used.
-    module = os.path.splitext(os.path.basename(__file__))[0]
-    launch = f"import sys; sys.path[0] = {HERE!r}; import {module}; {module}.main(sys.argv[1:])"
+    module = os.path.splitext(os.path.basename(__file__))[0]  # import_module: any file name
+    launch = (f"import importlib, sys; sys.path[0] = {HERE!r}; "
+              f"importlib.import_module({module!r}).main(sys.argv[1:])")
     try:
         py_compile.compile(__file__, doraise=True)
     except (OSError, py_compile.PyCompileError) as e:  # a read-only folder: it still works

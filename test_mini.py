@@ -48,7 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL = os.path.join(HERE, "minikernel.py")
 TIMEOUT = 15
 # How the kernelspec starts the kernel: imported, so that its bytecode cache is used.
-LAUNCH = f"import sys; sys.path[0] = {HERE!r}; import minikernel; minikernel.main(sys.argv[1:])"
+LAUNCH = (f"import importlib, sys; sys.path[0] = {HERE!r}; "
+          "importlib.import_module('minikernel').main(sys.argv[1:])")
 
 # One temporary Jupyter home for the whole run, with the minikernel kernelspec installed in it:
 # set before any client or kernel starts, so nothing touches the user's own dirs.
@@ -591,7 +592,8 @@ def test_each_new_subscriber_gets_its_own_welcome(kernel):
     raws = [Raw({**conn, "key": conn["key"].decode()}) for _ in range(3)]
     try:
         for raw in raws:
-            msg = raw.recv(raw.iopub, timeout=5)
+            while (msg := raw.recv(raw.iopub, timeout=5))["msg_type"] == "status":
+                pass  # the status that follows another subscriber's welcome
             assert msg["msg_type"] == "iopub_welcome"
             assert msg["content"] == {"subscription": ""}
     finally:
@@ -604,17 +606,20 @@ def test_a_subscriber_too_late_for_its_idle_still_hears_it(kernel):
     can arrive after that cell's idle went out: the welcome repeats the latest status."""
     km, _ = kernel
     conn = km.get_connection_info()
-    raw = Raw({**conn, "key": conn["key"].decode()})
+    raw = Raw({**conn, "key": conn["key"].decode()})  # its iopub watches the cell
     try:
-        raw.iopub.close()  # no subscriber of ours yet: the cell runs and ends unheard
-        reply = raw.request("execute_request", {"code": "x = 1", "silent": False})
-        late = raw.iopub = raw.connect(conn, "iopub", zmq.SUB)
+        while raw.recv(raw.iopub)["msg_type"] != "iopub_welcome":
+            pass
+        msg_id = raw.request("execute_request", {"code": "x = 1"})["parent_header"]["msg_id"]
+        while (msg := raw.recv(raw.iopub))["parent_header"].get("msg_id") != msg_id or (
+                msg["content"] != {"execution_state": "idle"}):
+            pass  # until the cell's idle has gone out
+        late = raw.connect(conn, "iopub", zmq.SUB)  # a frontend that only now subscribes
         late.setsockopt(zmq.SUBSCRIBE, b"")
         assert raw.recv(late, timeout=5)["msg_type"] == "iopub_welcome"
         msg = raw.recv(late, timeout=5)
-        assert msg["msg_type"] == "status"
-        assert msg["content"] == {"execution_state": "idle"}
-        assert msg["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+        assert (msg["msg_type"], msg["content"]) == ("status", {"execution_state": "idle"})
+        assert msg["parent_header"]["msg_id"] == msg_id
     finally:
         raw.close()
 
@@ -1682,15 +1687,18 @@ def test_install_writes_a_kernelspec_jupyter_can_launch(tmp_path):
 
 def test_the_kernelspec_starts_the_kernel_from_its_cached_bytecode(tmp_path):
     "A script is compiled at every start, and the kernel keeps the memory that took."
+    # A cache of this test's own, which only install can write: imports here may not.
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "cache")}
     subprocess.run([sys.executable, KERNEL, "install", "--prefix", str(tmp_path)], check=True,
-                   capture_output=True, timeout=TIMEOUT)
+                   capture_output=True, timeout=TIMEOUT, env=env)
     spec = json.loads((tmp_path / "share/jupyter/kernels/minikernel/kernel.json").read_text())
     python, c, launch = spec["argv"][:3]
     out = subprocess.run([python, "-v", c, launch, "--help"], capture_output=True, text=True,
-                         timeout=TIMEOUT)  # -v: the import system says where code comes from
+                         timeout=TIMEOUT, env={**env, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0 and out.stdout.startswith("usage: python minikernel.py")
-    cached = importlib.util.cache_from_source(KERNEL)
-    assert f"# code object from '{cached}'" in out.stderr
+    cached = str(tmp_path / "cache") + importlib.util.cache_from_source(KERNEL).replace(
+        os.path.join(HERE, "__pycache__"), HERE)  # where the prefix puts it
+    assert f"# code object from '{cached}'" in out.stderr  # -v: where the code came from
 
 
 def test_pep723_metadata_declares_pyzmq():
@@ -3822,17 +3830,19 @@ def test_two_frontends_share_the_namespace_and_the_count(demo):
     assert read.execution_count == start.execution_count + 2  # the other frontend's took one
 
 
-def test_two_frontends_cells_wait_for_a_request_still_in_flight():
+def test_two_frontends_cells_wait_for_a_request_still_in_flight(monkeypatch):
     """The other frontend says it sent, but its request is slow to arrive (a loaded machine).
     The notebook's next cell still runs after it: were it first, it would wait on a request
     queued behind itself, and time out."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     start = cell(nb, "import subprocess")
     sent = 'print("the other frontend sent its request", flush=True)\n'
-    assert sent in start.source
-    start.source = start.source.replace(sent, "").replace(
-        "request = client.send(", sent + "import time; time.sleep(2)\nrequest = client.send(")
+    late = sent + "import time; time.sleep(2)\nrequest = client.send("
+    start.source = start.source.replace(sent, "").replace("request = client.send(", late)
+    assert late in start.source
     nb.cells = nb.cells[: nb.cells.index(start) + 2]  # up to the cell that reads its answer
+    monkeypatch.delenv("TMUX", raising=False)  # else %console opens a window
+    monkeypatch.delenv("DISPLAY", raising=False)
     run_notebook(nb, os.environ["JUPYTER_RUNTIME_DIR"])  # a CellExecutionError fails it
     assert "here, from_there is 'SET IN THE NOTEBOOK'" in stdout(nb.cells[-1])
 
@@ -5855,13 +5865,18 @@ def test_long_session_keeps_history_and_lines_of_the_last_cells_only(tmp_path):
     try:
         wait_ready(raw, proc)
         cells = 1100  # more than CELLS_KEPT, sent at once: the kernel runs them in order
-        for i in range(cells):
+        raw.iopub.close()  # unread, their 4,400 iopub messages would fill its queue and then
+        for i in range(cells):  # zmq would drop the newer ones, which this test reads
             raw.shell.send_multipart(raw.frames("execute_request", {"code": f"{i} + 1"}))
         counts = []
         while len(counts) < cells:  # skipping wait_ready's extra kernel_info replies
             if (reply := raw.recv(raw.shell))["msg_type"] == "execute_reply":
                 counts.append(reply["content"]["execution_count"])
         assert counts == list(range(1, cells + 1))
+        raw.iopub = raw.connect(conn, "iopub", zmq.SUB)
+        raw.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        while raw.recv(raw.iopub)["msg_type"] != "iopub_welcome":
+            pass
         code = ("import linecache, minikernel\n"
                 "print(sum(k.startswith('<Cell In[') for k in linecache.cache),"
                 " len(minikernel.kernel['history']))\n"

@@ -613,7 +613,7 @@ def main():
               + (" (see bench/requirements-bench.txt)" if "xeus" in name else ""),
               file=sys.stderr)
     running = [k for k in kernels if present[k]]
-    if "minikernel" in running:
+    if present["minikernel"]:  # the console rows run on a minikernel too
         COMMANDS["minikernel"] = kernelspec_argv()
     reps = args.reps or (3 if args.quick else 5)
     samples = 50 if args.quick else 200

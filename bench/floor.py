@@ -1,7 +1,7 @@
 """The floor: a pyzmq ROUTER echo "kernel" that verifies, signs and replies at once.
 
-No Python kernel can beat it: it imports only what any kernel must (zmq, json, hmac, uuid,
-datetime), runs no code and prints nothing. bench/compare.py starts it as
+No Python kernel should beat it, beyond noise: it imports only what any kernel must (zmq, json,
+hmac, uuid, datetime), runs no code and prints nothing. bench/compare.py starts it as
 `python floor.py -f CONNECTION_FILE` and drives it like the real kernels.
 """
 
