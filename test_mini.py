@@ -3025,6 +3025,9 @@ def test_console_stays_responsive_through_an_output_flood(env, tmp_path):
     k = KernelProcess("minikernel", env, str(tmp_path / "kernel-flood.json"))
     try:
         child = spawn_console(env, "--existing", k.path, timeout=30)
+        # pexpect searches all it has read at every read, unless told a window: then a loaded
+        # machine's backlog of megabytes, after the Ctrl-C, costs the search time quadratic in it.
+        child.searchwindowsize = 4096
         child.sendline("while True: print('x' * 1000)")
         child.expect("x" * 1000)
         child.expect("x" * 1000)  # still flooding
