@@ -446,7 +446,7 @@ def status(state: str, parent: Optional[dict] = None, channel: str = "shell"):
     with iopub_lock:
         publish("status", {"execution_state": state}, parent)
         if parent and channel == "shell":  # told again to each new subscriber (iopub_ticker):
-            output["status"] = ({"execution_state": state}, parent)  # the cells', not control's
+            output["status"] = ({"execution_state": state}, parent)  # shell's, not control's
 
 
 def iopub_ticker(iopub: zmq.Socket):
