@@ -400,6 +400,36 @@ def test_huge_write_arrives_in_order_in_pieces_of_at_most_1_mib(kernel):
     assert "".join(t for _, t in streams) == big + "between" + big[::-1] + "\n"
 
 
+# Each is flushed on its own, so each is a stream message (or pieces) of its own: plain ASCII
+# lines, which the kernel encodes with bytes methods, and every kind of text it must not.
+STREAM_TEXTS = """[
+    "x" * (5 << 19),  # 2.5 Mi characters, no newline: three pieces
+    "a line of plain text, long enough\\n" * 40_000,  # 1.3 MiB of lines: two pieces
+    "ends without a newline",
+    "\\n" * 9 + "x" * 63,  # 8 characters a line on average: still plain
+    "0\\n1\\n2\\n3\\n" * 1000,  # short lines
+    'say "hi"\\n' * 100,
+    "C:\\\\dir\\\\file\\n" * 100,
+    "col\\tcol\\n" * 100,
+    "\\x1b[1mbold\\x1b[0m\\n" * 100,
+    "carriage\\r\\n" * 100,
+    "\\x00\\x07\\x08\\x0c\\x1f\\x7f del\\n" * 100,
+    "ascii, then \\u00e9\\n" * 100,
+    "",
+]"""
+
+
+def test_plain_and_escaped_text_each_arrive_exact(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, f"import sys\nfor t in {STREAM_TEXTS}:\n"
+                             "    sys.stdout.write(t)\n    sys.stdout.flush()", timeout=60)
+    assert reply["status"] == "ok"
+    streams = [c for t, c in outputs if t == "stream"]
+    assert all(c.keys() == {"name", "text"} and len(c["text"]) <= 1 << 20 for c in streams)
+    assert [c["text"] for c in streams] == [  # each text whole, or in pieces of 2**20
+        t[i : i + (1 << 20)] for t in eval(STREAM_TEXTS) for i in range(0, len(t), 1 << 20)]
+
+
 def test_text_travels_as_utf8_and_a_lone_surrogate_as_its_json_escape(kernel):
     km, _ = kernel
     conn = km.get_connection_info()
