@@ -349,18 +349,23 @@ def run_kernel(name, ctx, samples):
 
 
 def run_soak(name, ctx, n):
-    """n small cells on one kernel: RTT of the first and last SOAK_WINDOW, RSS on the way."""
+    """n small cells on one kernel: RTT and kernel CPU of the first and last SOAK_WINDOW, RSS on
+    the way."""
     r, marks = {}, [(SOAK_WINDOW, "soak_rss_1"), (n // 2, "soak_rss_2"), (n, "soak_rss_3")]
     with kernel_life(name, ctx) as client:
         client.sync()
-        rtts = []
+        rtts, cpu_before = [], {}  # cell number: the kernel's CPU seconds before it ran
         for i in range(1, n + 1):
+            if i in (1, SOAK_WINDOW + 1, n - SOAK_WINDOW + 1):
+                cpu_before[i] = cpu(client.proc)
             rtts.append(1e6 * client.execute(f"{i} + 1")[1])  # each cell new: nothing cached
             for at, key in marks:
                 if i == at:
                     add(r, **{key: rss(client.proc)})
         add(r, soak_first=statistics.median(rtts[:SOAK_WINDOW]),
             soak_last=statistics.median(rtts[-SOAK_WINDOW:]))
+        first_cpu = cpu_before[SOAK_WINDOW + 1] - cpu_before[1]
+        add(r, soak_cpu_drift=(cpu(client.proc) - cpu_before[n - SOAK_WINDOW + 1]) / first_cpu)
         add(r, soak_drift=r["soak_last"][0] / r["soak_first"][0],
             soak_growth=r["soak_rss_3"][0] - r["soak_rss_1"][0])
         stop(client, {})
@@ -462,6 +467,8 @@ ROWS = [
     ("soak_last", f"soak: execute → idle, last {SOAK_WINDOW:,}, µs", "median", []),
     ("soak_drift", f"soak: last {SOAK_WINDOW:,} / first {SOAK_WINDOW:,}", "median",
      [(None, "≤", 1.1)]),
+    ("soak_cpu_drift", f"soak: kernel CPU per execute, last {SOAK_WINDOW:,} / first "
+     f"{SOAK_WINDOW:,}", "median", []),
     ("soak_rss_1", f"soak: RSS after {SOAK_WINDOW:,} cells, MiB", "median", []),
     ("soak_rss_2", "soak: RSS after {half:,} cells, MiB", "median", []),
     ("soak_rss_3", "soak: RSS after {n:,} cells, MiB", "median", []),
