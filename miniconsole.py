@@ -205,7 +205,7 @@ def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
         last_json = json_frame(parent)
         session["parent"] = (parent, last_json)  # one tuple: other threads see both or neither
     parts = [json_frame(msg["header"]), last_json, json_frame(msg["metadata"]),
-             msg.get("content_json") or json_frame(msg["content"])]  # or encoded already
+             msg.get("content_json") or json_frame(msg["content"])]  # by minikernel's stream_json
     return [*ids, DELIM, sign(session, parts), *parts, *msg.get("buffers", ())]
 
 

@@ -400,21 +400,20 @@ def test_huge_write_arrives_in_order_in_pieces_of_at_most_1_mib(kernel):
     assert "".join(t for _, t in streams) == big + "between" + big[::-1] + "\n"
 
 
-# Each is flushed on its own, so each is a stream message (or pieces) of its own: plain ASCII
-# lines, which the kernel encodes with bytes methods, and every kind of text it must not.
-STREAM_TEXTS = """[
+# Each is flushed on its own, so each that is not empty is a stream message (or pieces) of its
+# own: plain ASCII lines, which the kernel encodes with bytes methods, and every kind of text
+# it must not, each control character in a text of its own.
+STREAM_TEXTS = r"""[
     "x" * (5 << 19),  # 2.5 Mi characters, no newline: three pieces
-    "a line of plain text, long enough\\n" * 40_000,  # 1.3 MiB of lines: two pieces
+    "a line of plain text, long enough\n" * 40_000,  # 1.3 MiB of lines: two pieces
     "ends without a newline",
-    "\\n" * 9 + "x" * 63,  # 8 characters a line on average: still plain
-    "0\\n1\\n2\\n3\\n" * 1000,  # short lines
-    'say "hi"\\n' * 100,
-    "C:\\\\dir\\\\file\\n" * 100,
-    "col\\tcol\\n" * 100,
-    "\\x1b[1mbold\\x1b[0m\\n" * 100,
-    "carriage\\r\\n" * 100,
-    "\\x00\\x07\\x08\\x0c\\x1f\\x7f del\\n" * 100,
-    "ascii, then \\u00e9\\n" * 100,
+    "\n" * 9 + "x" * 135,  # 16 characters a line on average: still plain
+    "\n" * 9 + "x" * 134,  # just under
+    "0\n1\n2\n3\n" * 1000,  # short lines
+    'say "hi", a line long enough\n' * 100,
+    "C:\\dir\\file, a line long enough\n" * 100,
+    *[chr(c) + " in a line long enough\n" for c in [*range(10), *range(11, 32), 127]],
+    "ascii, then \u00e9, in a line long enough\n" * 100,
     "",
 ]"""
 
