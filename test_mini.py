@@ -4208,7 +4208,9 @@ class Client:
                     everything.append(msg)
                 if msg["parent_header"].get("msg_id") == msg_id:
                     outputs.append((msg["msg_type"], msg["content"]))
-                    idle = msg["content"].get("execution_state") == "idle"
+                    # Latched: a thread's output after idle still names this cell as its parent
+                    # (the cell that ran last), and the reply on shell may come after both.
+                    idle = idle or msg["content"].get("execution_state") == "idle"
         return reply, outputs
 
     def wait_ready(self, hard_kernel=None, timeout=TIMEOUT):
@@ -5613,7 +5615,7 @@ def test_100mb_cell_memory_bound(hard_kernel, code, total, bound_mb):
                     if msg["msg_type"] == "stream":
                         received += len(msg["content"]["text"])
                         largest = max(largest, len(msg["content"]["text"]))
-                    idle = msg["content"].get("execution_state") == "idle"
+                    idle = idle or msg["content"].get("execution_state") == "idle"
         samples = stop_rss()
         peak = max(r for _, r in samples)
         figure(f"100 MB cell {code!r}", f"RSS {base / MB:.0f} MB before, peak {peak / MB:.0f} MB "
