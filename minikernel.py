@@ -364,6 +364,11 @@ FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream 
 # thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
 PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
+# Each run of one stream's text is a message. A flush that sent a message per turn of a loop
+# writing to stdout and stderr in turn would send thousands at once, and zmq drops a message
+# (an idle too) that finds 1000 queued for a subscriber. So after MAX_RUNS turns, each stream's
+# text joins its own last run: its order is kept, the turns between the two are not.
+MAX_RUNS = 32
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
 output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
           "queue": deque(), "sending": False,  # messages to send, and a send is under way
@@ -532,13 +537,16 @@ def buffer_output(name: str, text: str):
     runs = output["runs"]
     if runs and runs[-1][0] == name:
         texts = runs[-1][1]
-        texts.append(text)
-        # A print loop: keep one string, not thousands of small ones that scatter over the
-        # allocator's arenas.
-        if len(texts) >= 1000:
-            texts[:] = ["".join(texts)]
-    else:  # stdout and stderr interleave in the order they were written
-        runs.append([name, [text]])
+    elif len(runs) < MAX_RUNS:  # stdout and stderr interleave in the order they were written
+        texts = []
+        runs.append([name, texts])
+    else:  # runs alternate between the two streams: the one before the last is this one's
+        texts = runs[-2][1]
+    texts.append(text)
+    # A print loop: keep one string, not thousands of small ones that scatter over the
+    # allocator's arenas.
+    if len(texts) >= 1000:
+        texts[:] = ["".join(texts)]
     output["size"] += len(text)
 
 

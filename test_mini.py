@@ -385,6 +385,19 @@ def test_print_loop_arrives_exact_in_few_messages(kernel):
     assert len(streams) <= 50
 
 
+def test_stdout_and_stderr_taking_turns_fast_arrive_exact_in_few_messages(kernel):
+    _, kc = kernel
+    reply, outputs = run(kc, "import sys\nfor i in range(100000):\n"
+                             "    sys.stdout.write(f'{i} '); sys.stderr.write(f'{i},')", timeout=60)
+    assert reply["status"] == "ok"
+    streams = [(c["name"], c["text"]) for t, c in outputs if t == "stream"]
+    assert streams[:20] == [(n, f"{i}{s}") for i in range(10) for n, s in (("stdout", " "),
+                                                                          ("stderr", ","))]
+    assert text(outputs) == "".join(f"{i} " for i in range(100000))
+    assert text(outputs, "stderr") == "".join(f"{i}," for i in range(100000))
+    assert len(streams) <= 5000  # a message a turn is 200,000: more than zmq's queues hold
+
+
 def test_huge_write_arrives_in_order_in_pieces_of_at_most_1_mib(kernel):
     _, kc = kernel
     reply, outputs = run(kc, "import sys\n"
