@@ -200,6 +200,7 @@ def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
         else:
             conn[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{conn['ip']}")
     sockets["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, not just new topics
+    sockets["iopub"].setsockopt(zmq.XPUB_NODROP, 1)  # wait for a slow frontend: see send_waiting
     return sockets
 
 
@@ -372,7 +373,8 @@ MAX_RUNS = 32
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
 output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
           "queue": deque(), "sending": False,  # messages to send, and a send is under way
-          "status": None}  # the latest status of a shell request: (content, parent)
+          "status": None,  # the latest status of a shell request: (content, parent)
+          "skip_until": 0.0}  # time.monotonic() until which a full queue drops (send_waiting)
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
@@ -407,7 +409,37 @@ def send_queued():
     while queue:
         frames = queue.popleft()
         if not iopub.closed:  # shutting down: late output from a thread has nowhere to go
-            send_frames(iopub, frames)
+            send_waiting(iopub, frames)
+
+
+# zmq drops a message for a subscriber that has 1000 queued, an idle too, and a frontend that
+# waits for that idle waits for ever. A loop of flushes or displays makes messages faster than a
+# Python frontend reads them. So iopub does not drop (XPUB_NODROP): a send waits for room, as a
+# write to a full pipe waits for its reader (with the lock held: every message keeps its place).
+# A frontend that takes nothing for SEND_PATIENCE (stopped, or gone without a goodbye) is
+# passed over for SKIP_FOR, so it costs the kernel a wait of a second in every eleven at most,
+# and its queue stays bounded.
+SEND_PATIENCE = 1.0  # seconds
+SKIP_FOR = 10.0  # seconds
+FIRST_FRAME = int(zmq.SNDMORE | zmq.NOBLOCK)  # an int: see send_frames
+
+
+def send_waiting(iopub: zmq.Socket, frames: list):
+    "Send an iopub message, waiting while a frontend catches up; skip one that takes nothing."
+    deadline = time.monotonic() + SEND_PATIENCE
+    while time.monotonic() >= output["skip_until"]:
+        try:
+            iopub.send(frames[0], FIRST_FRAME)  # zmq refuses a message at its first frame or never
+            send_frames(iopub, frames[1:])
+            return
+        except zmq.Again:  # a frontend's queue is full
+            if time.monotonic() < deadline and not (kernel["interrupted"] or kernel["exiting"]):
+                time.sleep(0.002)
+            else:  # it took nothing for that long, or an interrupt or a shutdown cannot wait
+                output["skip_until"] = time.monotonic() + SKIP_FOR
+    iopub.setsockopt(zmq.XPUB_NODROP, 0)  # zmq's default for this one: a full queue drops it
+    send_frames(iopub, frames)
+    iopub.setsockopt(zmq.XPUB_NODROP, 1)
 
 
 def flush_output():
