@@ -111,6 +111,7 @@ kernel = {
     "in_sigint": False,  # on_sigint is running: a signal that comes meanwhile adds nothing
     "queued": [],  # requests queued behind a cell that failed with stop_on_error
     "exiting": False,  # shutdown is under way
+    "leaving": False,  # shutdown's SIGINT came: SystemExit, now or at the end of the send under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
     "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
@@ -122,7 +123,7 @@ me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["mi
 
 
 def log(line: str):
-    "One line on the kernel's own stderr (not the user's): what was dropped, or went wrong."
+    "A line, or a traceback, on the kernel's own stderr (not the user's): what went wrong."
     with contextlib.suppress(OSError, ValueError):  # its terminal may be gone: keep going
         print(f"[minikernel] {line}", file=kernel["terminal"], flush=True)
 
@@ -183,7 +184,7 @@ def new_connection(ip: str) -> dict:
 
 
 def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
-    "Bind the five sockets where the connection says, filling in the ports that were 0."
+    "Bind the five sockets where the connection says, filling in the tcp ports that were 0."
     sockets = {}
     for name, kind in CHANNELS.items():
         sock = sockets[name] = ctx.socket(kind)
@@ -330,7 +331,7 @@ def nested_deeper(value, levels: int) -> bool:
 # Frontends ping hb often (jupyter_client each second, miniconsole on every echo) and worry
 # after a second or so of silence (jupyter_client: time_to_dead, 1 s; miniconsole: HB_SILENCE,
 # 1.5 s).
-# User code may hold the GIL for minutes (a long C call, a tight loop), so the echo must not
+# User code may hold the GIL for minutes (a long call into C that keeps it), so the echo must not
 # need Python: zmq.proxy runs in C with the GIL released. A ROUTER proxied to itself sends
 # each [identity, b"", ping] straight back to the frontend it came from.
 
@@ -463,12 +464,13 @@ def flush_output():
 
 # Shaped for speed: output is the bulk of what a kernel sends, and the standard library's JSON
 # encoder looks at text a character at a time, about 3 ms a MiB here. Most output is ASCII lines
-# with nothing to escape but the newline. For those, bytes methods that each run over the whole
-# text in C make the same JSON. Measured against the standard way, on the same text, as the
-# machine varies: a short print in 40% of its time; lines of 16 characters in 90% to 65%, of 40
-# and more in 75% to 45%. Text it turns down costs up to 30% more than the standard way alone,
-# so the cheap tests (shorter lines, a quote, a backslash) come before the costlier one (any
-# other control character).
+# with nothing to escape but the newline. For those (16 characters a line or more on average,
+# the newline counted), bytes methods that each run over the whole text in C make the same
+# JSON. Measured against the standard way, on the same text, as the machine varies: a short
+# print in 40% of its time; lines of 16 characters in 90% to 65%, of 40 and more in 75% to 45%.
+# Text it turns down costs up to 30% more than the standard way alone, so the cheap tests
+# (shorter lines, a quote, a backslash) come before the costlier one (any other control
+# character).
 CONTROL = bytes(c for c in range(32) if c != 10)  # the control characters, but newline
 
 
@@ -656,7 +658,7 @@ LANGUAGE_INFO = {"name": "python", "version": sys.version.split()[0], "mimetype"
 BANNER = (f"minikernel {__version__} on Python {LANGUAGE_INFO['version']}: a kernel in one file.\n"
           "Magics: %connect_info, %console, %debug, %matplotlib inline; obj? and obj?? for help;"
           " !cmd for the shell.")
-DISPLAY_NAME = "Python 3"  # what Jupyter's launcher and kernel menu call it
+DISPLAY_NAME = "Python 3"  # the launcher and kernel menu show "Python 3 (minikernel)"
 
 
 def execute_request(msg: dict) -> dict:
@@ -854,12 +856,13 @@ def on_sigint(signum, frame):
     try:
         sigints["taken"] += 1
         if kernel["exiting"]:
-            raise SystemExit(0)
-        # Not in user code, it is for the request being started, or for one already waiting
-        # on shell (an interrupt_request sent right after its execute_request can overtake it),
-        # or for nothing: it came after its cell ended. The main thread owns shell: may poll it.
-        kernel["interrupted"] = (kernel["running"] or kernel["starting"]
-                                 or bool(kernel["sockets"]["shell"].poll(0)))
+            kernel["leaving"] = True
+        else:
+            # Not in user code, it is for the request being started, or for one already waiting
+            # on shell (an interrupt_request sent right after its execute_request can overtake
+            # it), or for nothing: it came after its cell ended. The main thread owns shell.
+            kernel["interrupted"] = (kernel["running"] or kernel["starting"]
+                                     or bool(kernel["sockets"]["shell"].poll(0)))
         if not kernel["sending"]:
             interrupt_now()
     finally:
@@ -867,7 +870,10 @@ def on_sigint(signum, frame):
 
 
 def interrupt_now():
-    "Raise the waiting interrupt, if user code runs to take it (idle, it is forgotten)."
+    "Raise what waits: SystemExit to leave; an interrupt if user code runs (idle, it is forgotten)."
+    if kernel["leaving"]:
+        kernel["leaving"] = False  # once: the cleanup that follows sends too
+        raise SystemExit(0)
     if kernel["interrupted"] and kernel["running"]:
         kernel["interrupted"] = False
         raise KeyboardInterrupt
@@ -1477,9 +1483,9 @@ def clear_output(wait: bool = False):
 
 # The protocol asks three questions that only the language can answer: what could finish the
 # word at the cursor (complete_request), what is this name (inspect_request), and does Enter
-# run the cell or start a new line (is_complete_request). Python answers them here, without
-# running the user's code: attributes are looked up statically, and a slow __dir__ or
-# __repr__ can be interrupted.
+# run the cell or start a new line (is_complete_request). Python answers them here, running as
+# little of the user's code as it can: attributes are looked up statically (no property runs),
+# and what does run, an object's __dir__ (Tab) or __repr__ (help), can be interrupted.
 
 
 def resolve(name: str):

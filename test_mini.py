@@ -68,10 +68,19 @@ subprocess.run([sys.executable, KERNEL, "install", "--user"], check=True, captur
 ################ Helpers
 
 
+def started_kernel():
+    "start_new_kernel, then no reply left on shell for a test to take for its own."
+    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT)
+    # wait_for_ready sends kernel_info again after each second without a reply, and returns at
+    # the first: on a slow start, a second reply is still coming. This one's comes after it.
+    kc.kernel_info(reply=True, timeout=TIMEOUT)
+    return km, kc
+
+
 @pytest.fixture(scope="module")
 def kernel():
     "A minikernel started by jupyter_client, shared by a module's tests: (manager, client)."
-    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT)
+    km, kc = started_kernel()
     yield km, kc
     kc.stop_channels()
     km.shutdown_kernel(now=True)
@@ -80,7 +89,7 @@ def kernel():
 @pytest.fixture()
 def fresh_kernel():
     "A minikernel of the test's own, for tests that interrupt, restart or kill it."
-    km, kc = start_new_kernel(kernel_name="minikernel", startup_timeout=TIMEOUT)
+    km, kc = started_kernel()
     yield km, kc
     kc.stop_channels()
     km.shutdown_kernel(now=True)
@@ -98,6 +107,19 @@ def run(kc, code: str, stdin=(), timeout=TIMEOUT, **kw):
 def text(outputs, name="stdout") -> str:
     "All the stream text of one stream among the outputs."
     return "".join(c["text"] for t, c in outputs if t == "stream" and c["name"] == name)
+
+
+def joined(outputs) -> list:
+    """[(msg_type, content)] with one stream's texts in a row joined, as a notebook joins them:
+    the ticker's flush may come between print's two writes (the text, then the newline)."""
+    shown = []
+    for t, c in outputs:
+        if t == "stream" and shown and shown[-1][0] == "stream" and shown[-1][1]["name"] == c[
+                "name"]:
+            shown[-1] = (t, {**c, "text": shown[-1][1]["text"] + c["text"]})
+        else:
+            shown.append((t, c))
+    return shown
 
 
 def connection(path: str) -> dict:
@@ -357,13 +379,13 @@ def test_order_busy_input_outputs_reply_idle(kernel):
     msg_id = kc.execute("print('one')\nimport sys; sys.stderr.write('two\\n')\n'three'")
     reply = kc.get_shell_msg(timeout=TIMEOUT)
     assert reply["parent_header"]["msg_id"] == msg_id
-    seen = []
-    while not seen or seen[-1] != ("status", "idle"):
+    msgs = []
+    while not msgs or msgs[-1][1].get("execution_state") != "idle":
         msg = kc.get_iopub_msg(timeout=TIMEOUT)
         if msg["parent_header"].get("msg_id") == msg_id:
-            c = msg["content"]
-            seen.append((msg["msg_type"], c.get("execution_state") or c.get("text")
-                         or c.get("data", {}).get("text/plain") or c.get("code", "")[:5]))
+            msgs.append((msg["msg_type"], msg["content"]))
+    seen = [(t, c.get("execution_state") or c.get("text") or c.get("data", {}).get("text/plain")
+             or c.get("code", "")[:5]) for t, c in joined(msgs)]
     assert seen == [("status", "busy"), ("execute_input", "print"), ("stream", "one\n"),
                     ("stream", "two\n"), ("execute_result", "'three'"), ("status", "idle")]
 
@@ -1448,6 +1470,46 @@ finally:
 """
 
 
+SHUTDOWN_WHILE_PRINTING = """
+import atexit, sys
+written = 0
+atexit.register(lambda: open({path!r}, "w").write(str(written)))
+while True:  # counted once buffered, then flushed: most of the time goes into sending it
+    sys.stdout.write(f"{{written}} "); written += 1; sys.stdout.flush()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_shutdown_during_a_flush_still_sends_what_was_written(tmp_path):
+    """Shut down while a cell prints without pause: every number it wrote (its atexit handler
+    says how many) reaches the frontend, in order, in well-formed messages."""
+    for trial in range(8):  # the shutdown lands at a different moment of a flush each time
+        k = Kernel(tmp_path, name=f"k{trial}")
+        c = Client(k.conn)
+        path = tmp_path / f"written{trial}"
+        try:
+            c.wait_ready(k)
+            msg_id = c.send(c.shell, "execute_request",
+                            {"code": SHUTDOWN_WHILE_PRINTING.format(path=str(path))})
+            started(c, msg_id, text=" ")
+            time.sleep(0.02 * trial)
+            c.send(c.control, "shutdown_request", {"restart": False})
+            msgs = []
+            while k.proc.poll() is None or c.iopub.poll(500):
+                if c.iopub.poll(50):
+                    msgs.append(checked(c.session, c.iopub.recv_multipart()))
+            assert k.proc.wait(timeout=5) == 0
+            out = "".join(m["content"]["text"] for m in msgs if m["header"]["msg_type"] == "stream"
+                          and m["content"]["name"] == "stdout")
+            numbers = [int(n) for n in out.split()]
+            written = int(path.read_text())
+            assert numbers[-1] >= written - 1, (trial, numbers[-3:], written)  # none lost
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), trial
+        finally:
+            c.close()
+            k.stop()
+
+
 @pytest.mark.timeout(90)
 def test_a_signal_handler_that_prints_during_a_send_never_interleaves_frames(hard_kernel):
     c = Client(hard_kernel.conn)
@@ -1552,8 +1614,11 @@ def test_output_from_threads_goes_with_the_running_cell_not_other_requests(hard_
             c.request("complete_request", {"code": "pri", "cursor_pos": 3})
             c.request("kernel_info_request")
             seen += c.drain_iopub()
-        time.sleep(0.5)
-        seen += c.drain_iopub()
+        deadline = time.monotonic() + 15  # on a loaded machine the thread may not be done yet
+        while "thread 149\n" not in "".join(m["content"].get("text", "") for m in seen):
+            assert time.monotonic() < deadline, "the thread's last line never came"
+            seen += c.drain_iopub()
+            time.sleep(0.05)
         streams = [m for m in seen if m["header"]["msg_type"] == "stream"]
         assert "".join(m["content"]["text"] for m in streams) == "".join(
             f"thread {i}\n" for i in range(150))
@@ -3498,9 +3563,9 @@ def test_optional_modules_are_imported_only_by_user_code(comm_kernel):
 
 
 def run_shown(kc, code: str):
-    "run(), keeping only what a notebook shows: no status, no execute_input."
+    "run(), keeping only what a notebook shows: no status, no execute_input, streams joined."
     reply, outputs = run(kc, code)
-    return reply, [(t, c) for t, c in outputs if t not in ("status", "execute_input")]
+    return reply, joined([(t, c) for t, c in outputs if t not in ("status", "execute_input")])
 
 
 def pngs(outputs) -> list:
@@ -3670,9 +3735,9 @@ def test_output_widget_captures_what_its_with_block_prints(comm_kernel):
     msg_id = send(raw, "execute_request", {"code": "import ipywidgets as w\nout = w.Output()\n"
                                            "print('before')\nwith out:\n    print('inside')\n"
                                            "print('after')"})
-    seen = [(m["msg_type"], m["content"]["text"] if m["msg_type"] == "stream" else
-             m["content"]["data"].get("state", {}).get("msg_id")) for m in iopub_of(raw, msg_id)
-            if m["msg_type"] in ("stream", "comm_msg")]
+    seen = [(t, c["text"] if t == "stream" else c["data"].get("state", {}).get("msg_id"))
+            for t, c in joined([(m["msg_type"], m["content"]) for m in iopub_of(raw, msg_id)
+                                if m["msg_type"] in ("stream", "comm_msg")])]
     # A frontend puts into the widget what has msg_id as parent, from the first update to the
     # second; so the prints must come in between, in order.
     assert seen == [("stream", "before\n"), ("comm_msg", msg_id), ("stream", "inside\n"),
@@ -4257,6 +4322,13 @@ class Client:
             subscribed = subscribed or not hasattr(self, "iopub")
         if not (replied and subscribed):
             raise TimeoutError("the kernel never answered kernel_info_request")
+        # The replies to earlier nudges may still be on their way: one more request, and shell
+        # answers in order, so once its reply is in, none is left to be taken for another's.
+        last = self.send(self.shell, "kernel_info_request")
+        self.nudges.add(last)
+        while self.recv(self.shell, max(0.0, deadline - time.monotonic()))["parent_header"].get(
+                "msg_id") != last:
+            pass
 
     def drain_iopub(self) -> list:
         "Every iopub message waiting now, each checked: well formed and correctly signed."
@@ -5124,7 +5196,7 @@ def test_kill_9_of_a_client_leaves_the_kernel_and_other_clients_serving(hard_ker
             wait_for_foreign_idle(b)  # else its error aborts b's next cell (stop_on_error)
             reply, outputs = b.execute("print('b is fine')", timeout=10)
             assert reply["status"] == "ok"
-            assert ("stream", "b is fine\n") in [(t, o.get("text")) for t, o in outputs]
+            assert "b is fine\n" in text(outputs)
             b.drain_iopub()
         assert_serving(hard_kernel, b)
         figure("kill -9 of a client", "3 of 3 survived (flooding, in input(), in a long cell)")
@@ -5241,6 +5313,7 @@ def test_sigint_storm_while_idle_and_serving(hard_kernel):
 STORM_CELL = """\
 import sys, time
 t, caught, i = time.time(), 0, 0
+print("storm on", flush=True)  # the counts are defined: the test may start the storm
 for _ in range(10**9):
     try:
         if time.time() - t > {seconds}:
@@ -5276,7 +5349,10 @@ def sigint_storm(hard_kernel: Kernel, c: Client, body: str, seconds: float) -> t
     try:
         msg_id = c.send(c.shell, "execute_request",
                         {"code": STORM_CELL.format(seconds=seconds, body=body)})
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while "storm on\n" not in "".join(texts["stdout"]):  # (read by the reader thread)
+            assert time.monotonic() < deadline, "the storm cell never started"
+            time.sleep(0.01)
         sent, deadline = 0, time.monotonic() + seconds - 0.5
         while time.monotonic() < deadline:
             os.kill(hard_kernel.pid, signal.SIGINT)
@@ -5333,13 +5409,14 @@ def test_interrupts_during_an_output_flood_never_corrupt_iopub(hard_kernel):
         assert not bad, bad[:3]
         counts = storm_counts(c)
         for name, mark in (("stdout", "o"), ("stderr", "e")):
-            got = [int(line.split()[0].removeprefix(mark)) for line in texts[name].splitlines()]
+            got = [int(line.split()[0].removeprefix(mark)) for line in texts[name].splitlines()
+                   if line != "storm on"]
             assert got == sorted(set(got)) and got[-1] <= counts["i"], name  # in order, once
             # Each interrupt may stop one turn before it wrote its line, and that is all.
             missing = (counts["i"] // (8 if name == "stderr" else 1)) - len(got)
             assert missing <= counts["caught"] + 1, (name, missing, counts)
         figure("lines lost to interrupts during the flood",
-               f"{counts['i'] - len(texts['stdout'].splitlines())} of {counts['i']} "
+               f"{counts['i'] - len(texts['stdout'].splitlines()) + 1} of {counts['i']} "
                f"(at most one per interrupt caught: {counts['caught']})")
     finally:
         c.close()
