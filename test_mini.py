@@ -5763,7 +5763,9 @@ def test_100mb_cell_memory_bound(hard_kernel, code, total, bound_mb):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 @pytest.mark.parametrize("mib", [10, 20])
 def test_memory_goes_back_to_the_os_after_big_prints(hard_kernel, mib):
-    "Three big prints: by the last one's idle, the kernel's RSS is back within 2 MiB of before."
+    """Three big prints: by the last one's idle, the kernel's RSS is back within 4 MiB of before
+    (without malloc_trim, 14 MiB or more; on a loaded machine zmq's I/O thread may free the last
+    piece or two only after the trim: 2.4 MiB once in a full run)."""
     c = Client(hard_kernel.conn)
     try:
         c.wait_ready(hard_kernel)
@@ -5775,7 +5777,7 @@ def test_memory_goes_back_to_the_os_after_big_prints(hard_kernel, mib):
             assert sum(len(o["text"]) for t, o in outputs if t == "stream") == mib * MB + 1
         grown = (hard_kernel.rss() - base) / MB
         figure(f"RSS after three {mib} MiB prints", f"{grown:+.1f} MiB")
-        assert grown < 2, f"the kernel kept {grown:.1f} MiB after three {mib} MiB prints"
+        assert grown < 4, f"the kernel kept {grown:.1f} MiB after three {mib} MiB prints"
     finally:
         c.close()
 
