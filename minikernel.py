@@ -434,9 +434,11 @@ def send_waiting(iopub: zmq.Socket, frames: list):
             send_frames(iopub, frames[1:])
             return
         except zmq.Again:  # a frontend's queue is full
-            if time.monotonic() < deadline and not (kernel["interrupted"] or kernel["exiting"]):
+            if kernel["interrupted"] or kernel["exiting"]:
+                break  # Ctrl-C and shutdown do not wait: this one message skips full queues
+            if time.monotonic() < deadline:
                 time.sleep(0.002)
-            else:  # it took nothing for that long, or an interrupt or a shutdown cannot wait
+            else:  # it took nothing for that long
                 output["skip_until"] = time.monotonic() + SKIP_FOR
     iopub.setsockopt(zmq.XPUB_NODROP, 0)  # zmq's default for this one: a full queue drops it
     send_frames(iopub, frames)
