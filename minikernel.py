@@ -366,9 +366,9 @@ FLUSH_SIZE = 1 << 16  # characters: a loop of prints becomes a few large stream 
 # thirds of the time it takes as one message. Smaller pieces lose that to per-message costs.
 PIECE_SIZE = 1 << 20  # characters
 TRIM_AFTER = 1 << 22  # characters published, after which freed memory goes back to the OS
-# Each run of one stream's text is a message. A flush that sent a message per turn of a loop
-# writing to stdout and stderr in turn would send thousands at once, and zmq drops a message
-# (an idle too) that finds 1000 queued for a subscriber. So after MAX_RUNS turns, each stream's
+# Each run of one stream's text is a message. A loop writing to stdout and stderr in turn would
+# make a message a write: thousands a flush, each shown as an output of its own, and more than a
+# frontend reads in time (see send_waiting). So after MAX_RUNS turns in one flush, each stream's
 # text joins its own last run: its order is kept, the turns between the two are not.
 MAX_RUNS = 32
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above

@@ -421,7 +421,7 @@ def test_stdout_and_stderr_taking_turns_fast_arrive_exact_in_few_messages(kernel
                                                                           ("stderr", ","))]
     assert text(outputs) == "".join(f"{i} " for i in range(100000))
     assert text(outputs, "stderr") == "".join(f"{i}," for i in range(100000))
-    assert len(streams) <= 5000  # a message a turn is 200,000: more than zmq's queues hold
+    assert len(streams) <= 5000  # a message a turn would be 200,000
 
 
 @pytest.mark.timeout(120)
@@ -5404,8 +5404,8 @@ def test_interrupts_during_an_output_flood_never_corrupt_iopub(hard_kernel):
     try:
         c.wait_ready(hard_kernel)
         # stdout and now and then stderr: every flush sends several runs, which an interrupt in
-        # the middle of a flush would drop. Long lines, so that few messages carry a lot (a
-        # subscriber more than 1,000 messages behind loses some: zmq's high-water mark).
+        # the middle of a flush would drop. Long lines, so that few messages carry a lot (while
+        # an interrupt is pending, a subscriber 1,000 messages behind loses what is sent).
         body = ("i += 1; sys.stdout.write(f'o{i} ' + 'x' * 1000 + '\\n'); "
                 "i % 8 or sys.stderr.write(f'e{i}\\n')")
         sent, reply, seen, bad, texts = sigint_storm(hard_kernel, c, body, 2.5)
@@ -6041,8 +6041,8 @@ def test_long_session_keeps_history_and_lines_of_the_last_cells_only(tmp_path):
     try:
         wait_ready(raw, proc)
         cells = 1100  # more than CELLS_KEPT, sent at once: the kernel runs them in order
-        raw.iopub.close()  # unread, their 4,400 iopub messages would fill its queue and then
-        for i in range(cells):  # zmq would drop the newer ones, which this test reads
+        raw.iopub.close()  # unread, their 4,400 iopub messages would fill its queue, and the
+        for i in range(cells):  # kernel would wait for it to read them (see send_waiting)
             raw.shell.send_multipart(raw.frames("execute_request", {"code": f"{i} + 1"}))
         counts = []
         while len(counts) < cells:  # skipping wait_ready's extra kernel_info replies
