@@ -374,8 +374,7 @@ MAX_RUNS = 32
 iopub_lock = threading.RLock()  # re-entrant, for a signal handler or __del__: see above
 output = {"runs": [], "size": 0, "sent": 0,  # runs: [[name, [text, ...]], ...] in write order
           "queue": deque(), "sending": False,  # messages to send, and a send is under way
-          "status": None,  # the latest status of a shell request: (content, parent)
-          "skip_until": 0.0}  # time.monotonic() until which a full queue drops (send_waiting)
+          "status": None}  # the latest status of a shell request: (content, parent)
 
 
 def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topic: str = "",
@@ -417,30 +416,27 @@ def send_queued():
 # waits for that idle waits for ever. A loop of flushes or displays makes messages faster than a
 # Python frontend reads them. So iopub does not drop (XPUB_NODROP): a send waits for room, as a
 # write to a full pipe waits for its reader (with the lock held: every message keeps its place).
-# A frontend that takes nothing for SEND_PATIENCE (stopped, or gone without a goodbye) is
-# passed over for SKIP_FOR, so it costs the kernel a wait of a second in every eleven at most,
-# and its queue stays bounded.
-SEND_PATIENCE = 1.0  # seconds
-SKIP_FOR = 10.0  # seconds
+# Room comes back in batches, once a reader has taken about 500 messages: half a second apart
+# for jupyter_client here, and up to three on a loaded machine. A frontend that takes nothing
+# for SEND_PATIENCE (stopped, or gone without a goodbye) is sent one message the lossy way,
+# zmq's default: the full queue drops it, and zmq then leaves that queue out, dropping for it,
+# until its reader has taken those 500. By then every frontend that reads has caught up, so
+# only the stuck one loses anything.
+SEND_PATIENCE = 5.0  # seconds
 FIRST_FRAME = int(zmq.SNDMORE | zmq.NOBLOCK)  # an int: see send_frames
 
 
 def send_waiting(iopub: zmq.Socket, frames: list):
-    "Send an iopub message, waiting while a frontend catches up; skip one that takes nothing."
+    "Send an iopub message, waiting while a frontend catches up, but not for one that is stuck."
     deadline = time.monotonic() + SEND_PATIENCE
-    while time.monotonic() >= output["skip_until"]:
+    while not kernel["exiting"] and time.monotonic() < deadline:  # leaving: no time to wait
         try:
             iopub.send(frames[0], FIRST_FRAME)  # zmq refuses a message at its first frame or never
             send_frames(iopub, frames[1:])
             return
         except zmq.Again:  # a frontend's queue is full
-            if kernel["interrupted"] or kernel["exiting"]:
-                break  # Ctrl-C and shutdown do not wait: this one message skips full queues
-            if time.monotonic() < deadline:
-                time.sleep(0.002)
-            else:  # it took nothing for that long
-                output["skip_until"] = time.monotonic() + SKIP_FOR
-    iopub.setsockopt(zmq.XPUB_NODROP, 0)  # zmq's default for this one: a full queue drops it
+            time.sleep(0.002)
+    iopub.setsockopt(zmq.XPUB_NODROP, 0)
     send_frames(iopub, frames)
     iopub.setsockopt(zmq.XPUB_NODROP, 1)
 

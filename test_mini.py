@@ -5674,8 +5674,8 @@ def test_a_frontend_that_never_reads_is_passed_over_and_the_others_get_everythin
 @pytest.mark.timeout(60)
 def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
     """`while True: print('x' * 1000)` for FLOOD_SECONDS: control answers kernel_info within 1 s
-    throughout (and once in SKIP_FOR, a wait for the frontend that never reads), interrupt stops
-    it within 1 s, and RSS stays bounded. One frontend keeps up with iopub; a second is
+    throughout (but once, behind the kernel's wait for the frontend that never reads), interrupt
+    stops it within 1 s, and RSS stays bounded. One frontend keeps up with iopub; a second is
     subscribed and never reads (the worst case for the kernel's queues)."""
     c = Client(hard_kernel.conn)
     ctx = zmq.Context()
@@ -5714,7 +5714,7 @@ def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
                f"latency max {max(latencies) * 1000:.0f} ms over {len(latencies)}; interrupt "
                f"latency {interrupt_latency * 1000:.0f} ms")
         waited = [t for t in latencies if t >= 1]  # behind iopub, waiting for the lazy one
-        assert len(waited) <= 1 + FLOOD_SECONDS // minikernel.SKIP_FOR
+        assert len(waited) <= 1  # once its queue is passed over, it is not waited for again
         assert max(latencies) < 1 + minikernel.SEND_PATIENCE
         assert interrupt_latency < 1
         assert peak - base < 200 * MB  # bound: the lazy subscriber's HWM queue (1000 messages)
