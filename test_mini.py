@@ -425,6 +425,27 @@ def test_stdout_and_stderr_taking_turns_fast_arrive_exact_in_few_messages(kernel
 
 
 @pytest.mark.timeout(120)
+def test_an_interrupted_flood_of_flushes_reaches_a_frontend_that_is_behind_whole(fresh_kernel):
+    """A frontend stops reading for 2 s while a cell prints and flushes without pause, then sends
+    an interrupt and reads on: every number arrives, then the KeyboardInterrupt, then the idle."""
+    km, kc = fresh_kernel
+    msg_id = kc.execute("i = 0\nwhile True:\n    print(i, flush=True); i += 1")
+    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["msg_type"] != "stream" or msg[
+            "parent_header"]["msg_id"] != msg_id:
+        pass
+    outputs = [(msg["msg_type"], msg["content"])]
+    time.sleep(2)  # not reading: every queue between the kernel and us fills
+    km.interrupt_kernel()
+    while (msg := kc.get_iopub_msg(timeout=60))["content"].get("execution_state") != "idle" or msg[
+            "parent_header"]["msg_id"] != msg_id:
+        if msg["parent_header"].get("msg_id") == msg_id:
+            outputs.append((msg["msg_type"], msg["content"]))
+    numbers = [int(n) for n in text(outputs).split()]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # none lost
+    assert [c["ename"] for t, c in outputs if t == "error"] == ["KeyboardInterrupt"]
+
+
+@pytest.mark.timeout(120)
 def test_a_loop_of_flushes_and_displays_faster_than_the_client_reads_loses_nothing(kernel):
     "30,000 small messages at the kernel's pace: jupyter_client reads slower; each arrives."
     _, kc = kernel
