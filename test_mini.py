@@ -474,7 +474,8 @@ def test_huge_write_arrives_in_order_in_pieces_of_at_most_1_mib(kernel):
 
 # Each is flushed on its own, so each that is not empty is a stream message (or pieces) of its
 # own: plain ASCII lines, which the kernel encodes with bytes methods, and every kind of text
-# it must not, each control character in a text of its own.
+# it must not, each control character in a text of its own, short and long (the kernel looks
+# for them one way in a short text, another in a long one).
 STREAM_TEXTS = r"""[
     "x" * (5 << 19),  # 2.5 Mi characters, no newline: three pieces
     "a line of plain text, long enough\n" * 40_000,  # 1.3 MiB of lines: two pieces
@@ -485,6 +486,7 @@ STREAM_TEXTS = r"""[
     'say "hi", a line long enough\n' * 100,
     "C:\\dir\\file, a line long enough\n" * 100,
     *[chr(c) + " in a line long enough\n" for c in [*range(10), *range(11, 32), 127]],
+    *["a long text of plain lines\n" * 700 + chr(c) + "\n" for c in [*range(10), *range(11, 32)]],
     "ascii, then \u00e9, in a line long enough\n" * 100,
     "",
 ]"""
