@@ -92,6 +92,9 @@ class Client:
         self.iopub.setsockopt(zmq.RCVHWM, 0)  # never drop output: the exactness rows count it
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
         self.iopub.connect(self.url + str(conn["iopub_port"]))
+        self.poller = zmq.Poller()  # execute reads shell and iopub as they come
+        self.poller.register(self.shell, zmq.POLLIN)
+        self.poller.register(self.iopub, zmq.POLLIN)
 
     def dealer(self, port):
         """A DEALER connected to the kernel's ROUTER on port."""
@@ -115,10 +118,7 @@ class Client:
     def recv(self, sock, deadline):
         """Receive and verify one message as (msg_type, parent msg_id, content)."""
         while not sock.poll(100):  # wake up often to notice a kernel that died
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kernel exited with code {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("kernel did not answer in time")
+            self.check(deadline)
         frames = sock.recv_multipart()
         i = frames.index(DELIM)
         parts = frames[i + 2 : i + 6]
@@ -126,6 +126,13 @@ class Client:
             raise ValueError("kernel sent a message with a bad signature")
         header, parent, _, content = (json.loads(p) for p in parts)
         return header["msg_type"], (parent or {}).get("msg_id"), content  # xeus: may be null
+
+    def check(self, deadline):
+        """Raise if the kernel has exited or the deadline has passed."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"kernel exited with code {self.proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("kernel did not answer in time")
 
     def reply(self, sock, msg_id, timeout):
         """Wait for the reply to msg_id on sock, skipping stale replies."""
@@ -161,15 +168,31 @@ class Client:
                     raise
 
     def execute(self, code, timeout=30):
-        """Run code; return (s to reply, s to idle, stdout text, number of iopub messages)."""
+        """Run code; return (s to reply, s to reply and idle, stdout text, iopub messages).
+
+        It reads shell and iopub as messages come, as a notebook does: output is checked and
+        decoded while the kernel makes more, if the kernel sends it in pieces."""
         t0 = time.perf_counter()
         msg_id = self.send(self.shell, "execute_request", execute_content(code))
-        self.reply(self.shell, msg_id, timeout)
-        t_reply = time.perf_counter() - t0
-        msgs = self.until_idle(msg_id, timeout)
-        t_idle = time.perf_counter() - t0
+        deadline, t_reply, t_idle, msgs = time.monotonic() + timeout, None, None, []
+        while t_reply is None or t_idle is None:
+            events = self.poller.poll(100)
+            if not events:
+                self.check(deadline)
+            for sock, _ in events:
+                msg_type, parent, content = self.recv(sock, deadline)
+                if parent != msg_id:
+                    continue
+                if sock is self.iopub:
+                    msgs.append((msg_type, parent, content))
+                    if msg_type == "status" and content["execution_state"] == "idle":
+                        t_idle = time.perf_counter() - t0
+                elif content.get("status") != "ok":
+                    raise RuntimeError(f"{msg_type}: {content}")
+                else:
+                    t_reply = time.perf_counter() - t0
         text = "".join(c["text"] for t, _, c in msgs if t == "stream" and c["name"] == "stdout")
-        return t_reply, t_idle, text, len(msgs)
+        return t_reply, max(t_reply, t_idle), text, len(msgs)
 
     def close(self):
         """Close the three sockets without lingering."""
