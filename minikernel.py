@@ -349,7 +349,8 @@ def heartbeat(hb: zmq.Socket):
 # Status comes from the main thread (for shell requests) and the control thread (for its own),
 # output from any thread that prints, results from the main thread, welcomes from the ticker;
 # but a zmq socket must not be used by two threads at once. The simplest correct owner is a
-# lock: whoever holds iopub_lock may touch the iopub socket and the output buffer. A ticker
+# lock: whoever holds iopub_lock may touch the iopub socket and the output buffer (but for
+# Stream.write's queue of writes, which any thread may add to at any time). A ticker
 # thread takes the lock every FLUSH_INTERVAL to welcome new subscribers and publish buffered
 # output, so a long-running cell's prints arrive while it runs.
 #
@@ -357,7 +358,7 @@ def heartbeat(hb: zmq.Socket):
 # last reference) can run while its thread holds the lock, halfway through a message. A plain
 # Lock would deadlock it there; iopub_lock is re-entrant, so it gets in, and the one rule that
 # keeps the frames whole is that a send never starts inside another. While a send is under
-# way, a nested write only adds to the buffer, and a nested message joins the queue that the
+# way, a nested write only adds to its queue, and a nested message joins the queue that the
 # send under way empties.
 
 FLUSH_INTERVAL = 0.05  # seconds between the ticker's flushes of buffered output
@@ -581,11 +582,15 @@ class Stream(io.TextIOBase):
 
 def gather_writes():
     "Sort the writes that Stream.write queued into runs, in the order written (lock held)."
-    if output["sending"]:  # nested in a send or a gather: the writes wait in their deque
+    writes = output["writes"]
+    if output["sending"] or not writes:  # nested in a send or a gather: the writes wait
         return
     with sending():  # so a nested write only queues, and an interrupt waits for the end
-        writes, output["written"] = output["writes"], 0
-        batch = [writes.popleft() for _ in range(len(writes))]  # [(name, text), ...]
+        output["written"] = 0
+        # Popped in one C call, in which no signal handler runs: a user's handler that raises
+        # (an alarm's timeout) would lose up to a thousand writes popped halfway. It can still
+        # cut the few steps of sorting short, as it can a flush.
+        batch = list(map(deque.popleft, itertools.repeat(writes, len(writes))))  # [(name, text)]
         for name, group in itertools.groupby(batch, key=operator.itemgetter(0)):
             buffer_output(name, "".join(map(operator.itemgetter(1), group)))
 
@@ -704,6 +709,7 @@ def execute_request(msg: dict) -> dict:
         error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
     finally:
         with iopub_lock:
+            gather_writes()  # its prints go before what C wrote after them
             read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
         kernel["silent"] = False
     if store:

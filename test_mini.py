@@ -2067,6 +2067,18 @@ def test_what_is_written_to_fds_1_and_2_reaches_the_cell_before_idle(kernel):
     assert "Current thread" in err or "Stack (most recent call first)" in err  # faulthandler
 
 
+def test_a_print_then_a_write_to_fd_1_at_a_cells_end_arrive_in_that_order(kernel):
+    _, kc = kernel
+    # The print's text waits in the kernel's buffer while C's is in the pipe, and the cell ends
+    # at once: the kernel must take its own text before it reads the pipe's. (C code that keeps
+    # the GIL while it writes, as PyDLL calls do, leaves the forwarder thread no time to.)
+    for _ in range(20):
+        reply, outputs = run(kc, "import ctypes\nprint('a')\n"
+                                 "n = ctypes.PyDLL(None).write(1, b'b\\n', 2)")
+        assert reply["status"] == "ok"
+        assert text(outputs) == "a\nb\n"
+
+
 def test_what_a_silent_cell_writes_to_fd_1_is_not_broadcast(kernel):
     _, kc = kernel
     msg_id = kc.execute("import os; os.write(1, b'from a silent cell\\n')", silent=True)
