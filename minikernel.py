@@ -448,8 +448,7 @@ def flush_output():
     "Publish buffered stdout/stderr as stream messages, in the order written (lock held)."
     if output["sending"]:  # nested in a send (see iopub_lock): the text waits in the buffer
         return
-    gather_writes()
-    read_fds()  # what C code or a subprocess wrote before now goes out now too
+    read_fds()  # the prints, then what C code or a subprocess wrote before now, go out now too
     if not output["runs"]:  # shaped for speed: most flushes (one before each message) find
         return  # nothing, and outside a send the queue is empty too (see send_iopub)
     with sending():
@@ -709,7 +708,6 @@ def execute_request(msg: dict) -> dict:
         error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
     finally:
         with iopub_lock:
-            gather_writes()  # its prints go before what C wrote after them
             read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
         kernel["silent"] = False
     if store:
@@ -1904,6 +1902,7 @@ def capture_fds():
 
 def read_fds():
     "Move what waits in the pipes into the output buffer, one pipe-full each at most (lock held)."
+    gather_writes()  # first the prints queued so far: what C writes after a print goes after it
     # Shaped for speed: every flush comes here, one before each message, and finds the pipes
     # empty; one poll costs a microsecond, a failing read of each pipe seven.
     try:
@@ -1937,7 +1936,6 @@ def forward_fds():
     while True:
         zmq.select([read_end for read_end, _, _ in pipes], [], [])
         with iopub_lock:
-            gather_writes()  # Python's text written before this goes first
             read_fds()
             if output["size"] >= FLUSH_SIZE:
                 flush_output()
