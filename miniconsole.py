@@ -123,19 +123,25 @@ def start_kernel() -> tuple:
     with tempfile.TemporaryFile() as log:
         kernel = subprocess.Popen([sys.executable, script, "-f", path], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the kernel picks ports, then writes the file
-            if kernel.poll() is not None:
-                log.seek(0)
-                why = (log.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
-                raise SystemExit(f"miniconsole: {script} exited ({kernel.returncode}): {why}")
-            with contextlib.suppress(OSError, ValueError):  # not there yet, or half written
-                with open(path) as f:
-                    json.load(f)
-                return kernel, path
-            time.sleep(0.05)
-    kernel.kill()
-    raise SystemExit(f"miniconsole: {script} wrote no connection file in 30 s")
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the kernel picks ports, then writes the file
+                if kernel.poll() is not None:
+                    log.seek(0)
+                    why = (log.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
+                    raise SystemExit(f"miniconsole: {script} exited ({kernel.returncode}): {why}")
+                with contextlib.suppress(OSError, ValueError):  # not there yet, or half written
+                    with open(path) as f:
+                        json.load(f)
+                    return kernel, path
+                time.sleep(0.05)
+            raise SystemExit(f"miniconsole: {script} wrote no connection file in 30 s")
+        except BaseException:  # that, or Ctrl-C meanwhile: the kernel must not outlive us
+            kernel.kill()
+            kernel.wait()
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
 
 
 ################ Wire format: one message, many frames
@@ -151,8 +157,20 @@ def start_kernel() -> tuple:
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-# Made once: json.dumps with options builds an encoder per call, a microsecond each time.
-ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+def refuse_constant(name: str):
+    "NaN, Infinity or -Infinity in a received frame: not JSON."
+    raise ValueError(f"{name} is not JSON")
+
+
+# JSON as its standard has it, both ways. Python's json reads and writes NaN and Infinity, which
+# are not JSON: a browser's JSON.parse refuses a whole message that holds one. So a message
+# received with one is dropped, and one to send raises ValueError where it was made (in the
+# kernel: in the user code that displayed or sent it). Made once: json.dumps and json.loads with
+# options build an encoder or decoder per call, a microsecond each time.
+ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False).encode
+DECODE = json.JSONDecoder(parse_constant=refuse_constant).decode  # of str: see from_frames
 # Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
 # halves, of which the older is forgotten whole.
 REPLAY_MEMORY = 2**16
@@ -193,7 +211,10 @@ def json_frame(d: dict) -> bytes:
     "One dict as a frame of JSON."
     # UTF-8 rather than \uXXXX escapes: smaller, and quicker to encode. A lone surrogate has no
     # UTF-8, so backslashreplace writes it as the \udXXX escape that JSON would have used.
-    return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+    try:
+        return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+    except ValueError as e:  # NaN, Infinity or a cycle
+        raise ValueError(str(e)) from None  # its traceback ends where the message was made
 
 
 def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
@@ -229,7 +250,9 @@ def from_frames(session: dict, frames: list) -> dict:
         if len(session["seen"]) >= REPLAY_MEMORY // 2:
             session["seen_before"], session["seen"] = session["seen"], set()
     try:
-        msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
+        # JSON is UTF-8. A byte that is not is read as U+FFFD, as jupyter_client reads it:
+        # ipykernel sends a lone surrogate that user code printed as the byte it stands for.
+        msg = dict(zip(DICTS, (DECODE(part.decode(errors="replace")) for part in parts)))
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     if not all(isinstance(msg[k], dict) for k in DICTS):
@@ -438,7 +461,12 @@ def read_cell(con: Console) -> Optional[str]:
             continue
         lines.append(line if line.strip() else "")  # an untouched indent counts as blank
         status, indent = is_complete(con, "\n".join(lines))
-        ended = status in ("complete", "invalid") or (status is None and not line.strip())
+        if status is None and len(lines) == 1 and con.tty:  # a kernel busy with another's cell
+            write(con, "stderr", "miniconsole: the kernel did not say if the cell is complete "
+                                 "(busy?): a blank line runs it\n")
+        blank = not line.strip()  # unknown, no answer, or an error: a blank line ends the cell,
+        ended = (status in ("complete", "invalid") or blank and status != "incomplete"
+                 or blank and lines[-2:] == ["", ""])  # and two end it whatever the kernel says
         if ended and (con.tty or line.strip() or not block_goes_on(con, lines)):
             return "\n".join(lines)  # invalid runs too: the kernel explains the error best
 
@@ -463,11 +491,10 @@ def block_goes_on(con: Console, lines: list) -> bool:
 
 
 def is_complete(con: Console, code: str) -> tuple:
-    "(status, indent) from is_complete_reply; status None when the kernel cannot tell in time."
+    "(status, indent) from is_complete_reply; status None when the kernel does not answer in time."
     reply = con.client.request("shell", "is_complete_request", {"code": code}, timeout=1.0)
     content = reply["content"] if reply else {}
-    status = content.get("status")
-    return (None if status == "unknown" else status), content.get("indent", "")
+    return content.get("status"), content.get("indent", "")
 
 
 def complete(con: Console, text: str, state: int) -> Optional[str]:
@@ -698,7 +725,8 @@ def tick(con: Console) -> None:
     if con.prompt is not None:  # not while getpass() reads: it has no line to redraw
         for msg in con.client.iopub():
             on_iopub(con, msg)
-    if con.erased and con.prompt.startswith("In [") and con.prompt != f"In [{con.count}]: ":
+    if (con.erased and not con.running  # at our prompt, not at input() while our cell runs
+            and con.prompt.startswith("In [") and con.prompt != f"In [{con.count}]: "):
         con.erased = False  # readline cannot change its prompt: end this input(), ask anew
         raise Renumber(readline.get_line_buffer())
     if con.erased:  # output went where the prompt was: draw it again, with the half-typed line
@@ -768,7 +796,7 @@ def console_loop(con: Console) -> int:
             if con.leaving:
                 return 1 if con.failed and not con.tty else 0
         except KeyboardInterrupt:  # at the prompt: drop the cell being typed, prompt anew
-            write(con, "stdout", "\n")
+            write(con, "stdout", "\n" if con.tty else "")
 
 
 ################ main: find or start a kernel, attach, and leave it as we found it
@@ -792,16 +820,22 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 def main(argv: Optional[list] = None) -> int:
     "Attach to a kernel (started here or --existing), run the console, clean up."
     args = parse_args(argv)
+    # What a kernel prints may not be text the terminal can take: a lone surrogate (its JSON
+    # escape, from minikernel) has no UTF-8. Shown as its escape, \udcff, it ends nothing.
+    sys.stdout.reconfigure(errors="backslashreplace")
     kernel = None  # the kernel process, if we started it
     if args.existing is None:
-        kernel, path = start_kernel()
+        try:
+            kernel, path = start_kernel()
+        except KeyboardInterrupt:  # Ctrl-C as it started: it is stopped, and its file gone
+            return 130
     else:
         path = find_connection_file(args.existing)
     client = con = None
     try:
         try:
             client = Client(path)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zmq.ZMQError) as e:
             raise SystemExit(f"miniconsole: cannot use connection file {path}: {e!r}") from None
         tty = sys.stdin.isatty()
         con = Console(client, tty, others=tty and not args.no_others, kernel=kernel)

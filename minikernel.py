@@ -228,8 +228,20 @@ def write_connection_file(path: str, conn: dict):
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
-# Made once: json.dumps with options builds an encoder per call, a microsecond each time.
-ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+def refuse_constant(name: str):
+    "NaN, Infinity or -Infinity in a received frame: not JSON."
+    raise ValueError(f"{name} is not JSON")
+
+
+# JSON as its standard has it, both ways. Python's json reads and writes NaN and Infinity, which
+# are not JSON: a browser's JSON.parse refuses a whole message that holds one. So a message
+# received with one is dropped, and one to send raises ValueError where it was made (in the
+# kernel: in the user code that displayed or sent it). Made once: json.dumps and json.loads with
+# options build an encoder or decoder per call, a microsecond each time.
+ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False).encode
+DECODE = json.JSONDecoder(parse_constant=refuse_constant).decode  # of str: see from_frames
 # Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
 # halves, of which the older is forgotten whole.
 REPLAY_MEMORY = 2**16
@@ -270,7 +282,10 @@ def json_frame(d: dict) -> bytes:
     "One dict as a frame of JSON."
     # UTF-8 rather than \uXXXX escapes: smaller, and quicker to encode. A lone surrogate has no
     # UTF-8, so backslashreplace writes it as the \udXXX escape that JSON would have used.
-    return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+    try:
+        return ENCODE(d).encode(errors="backslashreplace") if d else b"{}"  # {}: metadata, mostly
+    except ValueError as e:  # NaN, Infinity or a cycle
+        raise ValueError(str(e)) from None  # its traceback ends where the message was made
 
 
 def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
@@ -306,7 +321,9 @@ def from_frames(session: dict, frames: list) -> dict:
         if len(session["seen"]) >= REPLAY_MEMORY // 2:
             session["seen_before"], session["seen"] = session["seen"], set()
     try:
-        msg = dict(zip(DICTS, map(json.loads, parts)))  # bad JSON or UTF-8: ValueError
+        # JSON is UTF-8. A byte that is not is read as U+FFFD, as jupyter_client reads it:
+        # ipykernel sends a lone surrogate that user code printed as the byte it stands for.
+        msg = dict(zip(DICTS, (DECODE(part.decode(errors="replace")) for part in parts)))
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     if not all(isinstance(msg[k], dict) for k in DICTS):
@@ -629,7 +646,11 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         raise StdinNotImplementedError(
             "input() needs a frontend that answers input requests; this one said allow_stdin=False")
     sys.stdout.flush()  # the prompt must come after what the cell printed before it
-    drain(stdin)  # replies to earlier, interrupted requests are stale now
+    for frames in drain(stdin):  # replies to earlier, interrupted requests are stale now
+        try:
+            from_frames(session, frames)
+        except ValueError as e:  # a forged or malformed one is logged, as on any channel
+            log(f"stdin: dropped a message: {e}")
     msg = new_msg(session, "input_request", {"prompt": prompt, "password": password},
                   parent["header"])
     trace("->", "stdin", msg)
@@ -1536,8 +1557,9 @@ def cursor(c: dict) -> int:
     "The request's cursor_pos, in code points (protocol 5.2), checked against the code."
     code, pos = c["code"], c.get("cursor_pos")
     pos = len(code) if pos is None else pos
-    if not isinstance(pos, int) or not 0 <= pos <= len(code):
-        raise ValueError(f"cursor_pos {pos!r} is outside the code")
+    if type(pos) is not int or not 0 <= pos <= len(code):  # (a bool is an int to Python)
+        raise ValueError(f"cursor_pos must be a position in the code (0 to {len(code)}), "
+                         f"not {pos!r}")
     return pos
 
 

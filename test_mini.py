@@ -1207,10 +1207,91 @@ def test_signed_but_malformed_messages_are_dropped(raw_kernel, parts):
     assert raw.request("kernel_info_request", {})["content"]["status"] == "ok"
 
 
+def test_nan_and_infinity_are_dropped_not_echoed(raw_kernel):
+    # Python's json reads them, but JSON has no NaN or Infinity. A header with NaN, taken, would
+    # come back as every reply's parent_header, which a browser's JSON.parse refuses.
+    proc, _, raw, _ = raw_kernel
+    header = raw.frames("kernel_info_request", {})[2]  # compact JSON: ends with }
+    bad = [[header[:-1] + b', "x": NaN}', b"{}", b"{}", b"{}"],
+           [header, b"{}", b"{}", b'{"a": [Infinity]}'],
+           [header, b"{}", b'{"m": -Infinity}', b"{}"]]
+    for parts in bad:
+        raw.shell.send_multipart(signed(raw, parts))
+    mine = raw.session.msg("kernel_info_request", {})
+    raw.shell.send_multipart(raw.session.serialize(mine))
+    reply = raw.recv(raw.shell)  # the first reply is to the good request: none came before it
+    assert reply["parent_header"]["msg_id"] == mine["header"]["msg_id"]
+    log = stop(proc)
+    assert log.count("shell: dropped a message") == 3, log
+    for reason in ("NaN is not JSON", "Infinity is not JSON", "-Infinity is not JSON"):
+        assert reason in log
+
+
+@pytest.mark.timeout(60)
+def test_bytes_that_are_not_utf8_are_read_as_replacement_characters(hard_kernel):
+    # As jupyter_client reads them; ipykernel's Session writes a lone surrogate as its raw byte.
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        content = (b'{"code": "print(\'a\xffb\', len(\'\xc3\'))", "silent": false, '
+                   b'"store_history": true, "user_expressions": {}, "allow_stdin": false}')
+        frames = c.sign_parts(pack(c.header("execute_request")), b"{}", b"{}", content, raw=True)
+        c.shell.send_multipart(frames)
+        reply, outputs = c.collect(json.loads(frames[2])["msg_id"])
+        assert reply["status"] == "ok", reply
+        assert [o["text"] for t, o in outputs if t == "stream"] == ["a\ufffdb 1\n"]
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_value_json_cannot_hold_fails_where_user_code_published_it(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        reply, outputs = c.execute("class J:\n"
+                                   "    def _repr_json_(self): return {'v': float('nan')}\n"
+                                   "J()")
+        assert (reply["status"], reply["ename"]) == ("error", "ValueError"), reply
+        assert "JSON" in reply["evalue"]
+        assert [t for t, _ in outputs] == ["status", "execute_input", "error", "status"]
+        reply, outputs = c.execute("display({'application/json': {'v': float('nan')}}, raw=True)")
+        [traceback] = [o["traceback"] for t, o in outputs if t == "error"]
+        assert "display(" in traceback[-2] and "encoder.py" not in "".join(traceback), traceback
+        reply, outputs = c.execute("try:\n"
+                                   "    display({'application/json': [float('inf')]}, raw=True)\n"
+                                   "except ValueError as e:\n"
+                                   "    print('refused:', e)")
+        assert reply["status"] == "ok"
+        assert [o["text"] for t, o in outputs if t == "stream"] == [
+            "refused: Out of range float values are not JSON compliant\n"]
+        reply, outputs = c.execute("6 * 7")
+        assert [o["data"]["text/plain"] for t, o in outputs if t == "execute_result"] == ["42"]
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_message_waiting_on_stdin_is_logged_when_input_starts(hard_kernel):
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        forged = c.frames("input_reply", {"value": "forged"})
+        forged[1] = b"0" * 64
+        c.stdin.send_multipart(forged)
+        time.sleep(0.5)  # waiting on stdin before input() starts, which clears what waits
+        reply, _ = c.execute("x = input()", answers=["typed"], user_expressions={"x": "x"})
+        assert reply["user_expressions"]["x"]["data"]["text/plain"] == "'typed'"
+        assert hard_kernel.log().count("stdin: dropped a message: bad signature") == 1
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("msg_type, content", [
     ("execute_request", {"code": 12}),
     ("execute_request", {}),
     ("complete_request", {"code": "abc", "cursor_pos": 99}),
+    ("complete_request", {"code": "abc", "cursor_pos": True}),
     ("inspect_request", {"code": None}),
     ("history_request", {"hist_access_type": "sideways"}),
     ("is_complete_request", {"code": ["x"]}),
@@ -2987,6 +3068,37 @@ def test_start_and_leave_own_kernel(own_console, env):
     assert not os.path.exists(path)
 
 
+def test_ctrl_c_while_the_console_starts_its_kernel_stops_that_kernel(env, tmp_path):
+    "A kernel that never finishes its connection file; Ctrl-C: no orphan, no file, no traceback."
+    shutil.copy(CONSOLE, tmp_path / "miniconsole.py")
+    (tmp_path / "minikernel.py").write_text(
+        "import os, sys, time\n"
+        "open(sys.argv[sys.argv.index('-f') + 1], 'w').write('{')  # half written, for ever\n"
+        "open(os.environ['FAKE_PID'], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n")
+    pid_file = tmp_path / "pid"
+    console = subprocess.Popen([sys.executable, str(tmp_path / "miniconsole.py")],
+                               env={**env, "FAKE_PID": str(pid_file)}, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the fake kernel never started"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        console.send_signal(signal.SIGINT)
+        out, err = console.communicate(timeout=15)
+        assert (console.returncode, "Traceback" in err) == (130, False), err
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+        assert os.listdir(env["JUPYTER_RUNTIME_DIR"]) == []
+    finally:
+        if console.poll() is None:
+            console.kill()
+        if pid_file.exists() and psutil.pid_exists(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def test_keep_kernel(own_console, env):
     "--keep-kernel leaves the kernel it started running, and says how to reattach."
     child = pexpect.spawn(sys.executable, [own_console, "--keep-kernel"], env=env, timeout=20,
@@ -3159,6 +3271,53 @@ def test_other_frontend_output_shown_at_prompt(any_kernel, env):
     assert leave(child) == 0
 
 
+def test_an_input_prompt_that_looks_like_a_cell_prompt_is_not_renumbered(any_kernel, env):
+    "Output that comes while input() waits redraws its prompt; In [N] there is the user's text."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("import threading; threading.Timer(0.5, print, ['ti' + 'ck']).start(); "
+                   "x = input('In [x]: ')")
+    child.expect_exact("tick", timeout=10)  # the output, not the line typed
+    child.sendline("typed")
+    child.expect(PROMPT)
+    assert "Traceback" not in child.before
+    assert "'typed'" in type_line(child, "x")
+    assert leave(child) == 0
+
+
+def test_a_busy_kernel_that_cannot_say_if_a_cell_is_complete(any_kernel, env):
+    "Another frontend's cell holds the kernel: the console says so, and a blank line runs it."
+    other = BlockingKernelClient(connection_file=any_kernel.path)
+    other.load_connection_file()
+    other.start_channels()
+    child = spawn_console(env, "--existing", any_kernel.path)
+    try:
+        other.wait_for_ready(timeout=10)
+        other.execute("import time; time.sleep(4)")
+        time.sleep(0.5)
+        child.sendline("print(6 * 7)")
+        child.expect_exact("the kernel did not say if the cell is complete (busy?): "
+                           "a blank line runs it", timeout=10)
+        child.sendline("")
+        child.expect_exact("42", timeout=20)
+        child.expect(PROMPT)
+    finally:
+        other.stop_channels()
+    assert leave(child) == 0
+
+
+def test_two_blank_lines_run_a_cell_the_kernel_calls_incomplete(any_kernel, env):
+    "A def with no body is incomplete however many blank lines follow: two run it, and it fails."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.sendline("def g():")
+    for _ in range(2):
+        child.expect_exact("...: ")
+        child.sendline("")
+    child.expect("IndentationError|SyntaxError", timeout=20)  # ipykernel: incomplete input
+    child.expect(PROMPT)
+    assert "42" in type_line(child, "print(6 * 7)")
+    assert leave(child) == 0
+
+
 def test_no_others(any_kernel, env):
     child = spawn_console(env, "--existing", any_kernel.path, "--no-others")
     other = miniconsole.Client(any_kernel.path)
@@ -3281,10 +3440,41 @@ def test_existing_without_match(env, tmp_path):
     missing = str(tmp_path / "kernel-gone.json")
     result = piped(env, "", "--existing", missing)
     assert (result.returncode, result.stderr) == (1, f"miniconsole: no connection file {missing}\n")
-    (tmp_path / "kernel-bad.json").write_text("{not json")
-    result = piped(env, "", "--existing", str(tmp_path / "kernel-bad.json"))
-    assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("miniconsole: cannot use connection file")
+    ports = {f"{c}_port": 1 for c in ("shell", "iopub", "stdin", "control", "hb")}
+    good = {**ports, "ip": "127.0.0.1", "key": "k"}
+    for bad in ["{not json", "[1, 2]", json.dumps({**good, "key": 123}),
+                json.dumps({**good, "shell_port": "abc"}),
+                json.dumps({**good, "ip": "no such host"})]:
+        (tmp_path / "kernel-bad.json").write_text(bad)
+        result = piped(env, "", "--existing", str(tmp_path / "kernel-bad.json"))
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (bad, result.stderr)
+        assert result.stderr.startswith("miniconsole: cannot use connection file")
+
+
+def test_a_lone_surrogate_in_output_is_shown_not_fatal(any_kernel, env):
+    "minikernel sends its JSON escape, ipykernel the raw byte it stands for (read as U+FFFD)."
+    result = piped({**env, "PYTHONIOENCODING": "utf-8"},  # strict, as under en_US.UTF-8
+                   "print('a\\udcffb')\nprint(6 * 7)\n", "--existing", any_kernel.path)
+    assert (result.returncode, result.stderr) == (0, "")
+    shown = "a\\udcffb" if any_kernel.name == "minikernel" else "a\ufffdb"
+    assert result.stdout == f"{shown}\n42\n"
+
+
+def test_ctrl_c_between_piped_cells_adds_nothing_to_the_output(any_kernel, env):
+    proc = subprocess.Popen([sys.executable, CONSOLE, "--existing", any_kernel.path], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("print(1)\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "1\n"
+        time.sleep(1)  # the cell's idle is in: the console waits for the next line. Ctrl-C now
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        out, _ = proc.communicate("print(2)\n", timeout=30)
+        assert (proc.returncode, out) == (0, "2\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_existing_finds_newest_by_name(any_kernel, env):
@@ -3427,6 +3617,8 @@ def test_client_drops_garbage(tmp_path, capfd):
         good = miniconsole.to_frames(ours, reply, [ident])
         router.send_multipart([ident, b"not a message"])
         router.send_multipart([*good[:2], b"0" * 64, *good[3:]])  # bad signature
+        nan = [*good[3:6], b'{"status": NaN}']  # signed, but not JSON
+        router.send_multipart([*good[:2], miniconsole.sign(ours, nan), *nan])
         router.send_multipart(good)
         router.send_multipart(good)  # replayed
         got = client.recv("shell", 5)
@@ -3435,6 +3627,7 @@ def test_client_drops_garbage(tmp_path, capfd):
         err = capfd.readouterr().err.splitlines()
         assert err == ["miniconsole: dropped a bad message on shell: no <IDS|MSG> delimiter",
                        "miniconsole: dropped a bad message on shell: bad signature",
+                       "miniconsole: dropped a bad message on shell: NaN is not JSON",
                        "miniconsole: dropped a bad message on shell: replayed message "
                        "(signature seen before)"]
     finally:
@@ -4268,7 +4461,7 @@ def hard_kernel(tmp_path):
 
 
 def pack(obj) -> bytes:
-    "JSON as a kernel reads it; unlike Session.pack it takes NaN and lone surrogates (escaped)."
+    "JSON as a kernel reads it; unlike Session.pack it takes lone surrogates (escaped)."
     return json.dumps(obj, default=str).encode()
 
 
@@ -4487,7 +4680,7 @@ def junk(rng: random.Random, depth=0):
     if kind == 2:
         return rng.choice([0, -1, 1, 7, 2**31, 2**63, -(2**63) - 1, 10**40, -(10**300)])
     if kind == 3:
-        return rng.choice([0.5, -0.0, 1e308, float("nan"), float("inf"), -float("inf")])
+        return rng.choice([0.5, -0.0, 1e308, 5e-324])  # NaN is not JSON: see signed_garbage
     if kind in (4, 5):
         return random_text(rng)
     if kind == 6:
@@ -4582,8 +4775,8 @@ class Fuzzer:
         i = rng.randrange(4)
         if how == 0:
             parts[i] = rng.randbytes(rng.randrange(40))
-        elif how == 1:  # not UTF-8
-            parts[i] = b'{"code": "\xff\xfe\xc3\x28"}'
+        elif how == 1:  # not UTF-8, and not JSON once its bad bytes are read as U+FFFD
+            parts[i] = b'\xff\xfe{"code": "\xc3\x28"}'
         elif how == 2:  # JSON, not an object
             parts[i] = pack(rng.choice([[], [header], "header", 7, None, True, 1.5]))
         elif how == 3:  # no msg_type, or not a string
@@ -4593,8 +4786,9 @@ class Fuzzer:
             parts[i] = rng.choice([b"{}x", b"{} {}", b'{"a": ' + b"9" * 5000 + b"}"])
         elif how == 5:  # empty frames
             parts[i] = b""
-        else:  # NaN and friends in the wrong place, truncated JSON
-            parts[i] = rng.choice([b"NaN", b"-Infinity", pack(header)[:-1], b'{"a": "\\ud800'])
+        else:  # NaN and friends, which are not JSON; truncated JSON
+            parts[i] = rng.choice([b"NaN", b"-Infinity", b'{"a": [Infinity]}', pack(header)[:-1],
+                                   pack(header)[:-1] + b', "x": NaN}', b'{"a": "\\ud800'])
         return c.sign_parts(*parts, raw=True)
 
     def request_content(self, msg_type: str) -> tuple:
@@ -5976,9 +6170,9 @@ def garbage(rng: random.Random, fake: FakeKernel, parent: dict) -> tuple:
     if how == 1:  # bad signature
         frames = fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": "FORGED\n"})
         return frames[:2] + [b"0" * 64] + frames[3:], DROPPED
-    if how == 2:  # invalid UTF-8 in the text, signed
+    if how == 2:  # invalid UTF-8 in the text, signed: shown as U+FFFD, as jupyter_client does
         return fake.signed(json.dumps(h("stream")).encode(), json.dumps(parent).encode(), b"{}",
-                           b'{"name": "stdout", "text": "\xff\xfe bad"}'), DROPPED
+                           b'{"name": "stdout", "text": "\xff\xfe odd\\n"}'), None
     if how == 3:  # truncated, or random frames
         frames = fake.signed(h("stream"), parent, {}, {"name": "stdout", "text": "FORGED\n"})
         cut = frames[: rng.randint(1, 5)] if rng.random() < 0.5 else \
