@@ -665,6 +665,8 @@ def input_request(prompt: str = "", password: bool = False) -> str:
         except ValueError as e:
             log(f"stdin: dropped a message: {e}")
             continue
+        except KeyboardInterrupt:  # raised in pyzmq's poll: the user's traceback ends at input()
+            raise KeyboardInterrupt from None
         trace("<-", "stdin", reply)
         if reply["header"]["msg_type"] != "input_reply":
             continue

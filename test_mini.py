@@ -679,6 +679,9 @@ def test_interrupt_while_waiting_for_input(fresh_kernel):
     reply = kc.get_shell_msg(timeout=TIMEOUT)
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt"
+    # The user's traceback ends at their input(), not in pyzmq's poll that waited for the line.
+    assert "input('wait: ')" in reply["content"]["traceback"][-2]
+    assert "zmq" not in "".join(reply["content"]["traceback"])
     kc.input("too late")  # a reply after the interrupt must not confuse the next input()
     reply, _ = run(kc, "input()", stdin=["fresh"])
     assert reply["status"] == "ok"
