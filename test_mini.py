@@ -3665,7 +3665,11 @@ CHECK_IMPORTED = f"sorted(m for m in __import__('sys').modules if m.split('.')[0
 def comm_kernel(raw_kernel):
     "A kernel started by hand, its iopub subscribed: (process, Raw client)."
     proc, _, raw, _ = raw_kernel
-    raw.recv(raw.iopub)  # anything on iopub: our subscription has arrived
+    deadline = time.monotonic() + TIMEOUT
+    while not raw.iopub.poll(500):  # anything on iopub: our subscription has arrived
+        assert time.monotonic() < deadline, "nothing on iopub"
+        raw.request("kernel_info_request", {})  # a nudge: its busy and idle go to iopub too
+    raw.recv(raw.iopub)
     return proc, raw
 
 
