@@ -3321,6 +3321,25 @@ def test_two_blank_lines_run_a_cell_the_kernel_calls_incomplete(any_kernel, env)
     assert leave(child) == 0
 
 
+def test_ctrl_c_right_after_enter_never_leaves_the_console_deaf(any_kernel, env):
+    "The terminal keeps typed-ahead input on Ctrl-C (NOFLSH), so readline never waits for it."
+    import termios
+    child = spawn_console(env, "--existing", any_kernel.path)
+    assert termios.tcgetattr(child.child_fd)[3] & termios.NOFLSH
+    for _ in range(10):
+        child.sendline("def f():")
+        child.expect_exact("...: ")
+        time.sleep(0.1)
+        child.send("pass\r")
+        child.sendintr()  # at once: the flush would take "pass" between select and read
+        child.expect(PROMPT, timeout=5)
+        time.sleep(0.2)
+        while child.expect([PROMPT, pexpect.TIMEOUT], timeout=0.3) == 0:
+            pass  # a second prompt, if the Enter won the race and the cell ran
+    assert "42" in type_line(child, "print(6 * 7)")
+    assert leave(child) == 0
+
+
 def test_no_others(any_kernel, env):
     child = spawn_console(env, "--existing", any_kernel.path, "--no-others")
     other = miniconsole.Client(any_kernel.path)
