@@ -29,7 +29,8 @@ hb, so that a dead kernel is noticed within seconds (a stopped one is waited for
                                              in . or the Jupyter runtime dir
     printf 'x = 1\\nprint(x + 1)\\n' | python miniconsole.py --existing   piped: outputs only
 
-The kernel decides when a cell is complete; Tab completes; history is kept. Ctrl-C interrupts
+The kernel decides when a cell is complete (when it cannot say, a blank line ends the cell, and
+two blank lines always do); Tab completes; history is kept. Ctrl-C interrupts
 a running cell, on any kernel, also one we did not start; at the prompt it drops the cell
 being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start stays
 alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
