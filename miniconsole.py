@@ -161,16 +161,16 @@ PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
 
 
-def refuse_constant(name: str):
-    "NaN, Infinity or -Infinity in a received frame: not JSON."
-    raise ValueError(f"{name} is not JSON")
-
-
 # JSON as its standard has it, both ways. Python's json reads and writes NaN and Infinity, which
 # are not JSON: a browser's JSON.parse refuses a whole message that holds one. So a message
 # received with one is dropped, and one to send raises ValueError where it was made (in the
 # kernel: in the user code that displayed or sent it). Made once: json.dumps and json.loads with
 # options build an encoder or decoder per call, a microsecond each time.
+def refuse_constant(name: str):
+    "NaN, Infinity or -Infinity in a received frame: not JSON."
+    raise ValueError(f"{name} is not JSON")
+
+
 ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False).encode
 DECODE = json.JSONDecoder(parse_constant=refuse_constant).decode  # of str: see from_frames
 # Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
@@ -467,8 +467,8 @@ def read_cell(con: Console) -> Optional[str]:
             write(con, "stderr", "miniconsole: the kernel did not say if the cell is complete "
                                  "(busy?): a blank line runs it\n")
         blank = not line.strip()  # unknown, no answer, or an error: a blank line ends the cell,
-        ended = (status in ("complete", "invalid") or blank and status != "incomplete"
-                 or blank and lines[-2:] == ["", ""])  # and two end it whatever the kernel says
+        ended = (status in ("complete", "invalid") or (blank and status != "incomplete")
+                 or (blank and lines[-2:] == ["", ""]))  # and two, whatever the kernel says
         if ended and (con.tty or line.strip() or not block_goes_on(con, lines)):
             return "\n".join(lines)  # invalid runs too: the kernel explains the error best
 

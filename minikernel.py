@@ -230,16 +230,16 @@ PROTOCOL_VERSION = "5.5"
 DICTS = ("header", "parent_header", "metadata", "content")
 
 
-def refuse_constant(name: str):
-    "NaN, Infinity or -Infinity in a received frame: not JSON."
-    raise ValueError(f"{name} is not JSON")
-
-
 # JSON as its standard has it, both ways. Python's json reads and writes NaN and Infinity, which
 # are not JSON: a browser's JSON.parse refuses a whole message that holds one. So a message
 # received with one is dropped, and one to send raises ValueError where it was made (in the
 # kernel: in the user code that displayed or sent it). Made once: json.dumps and json.loads with
 # options build an encoder or decoder per call, a microsecond each time.
+def refuse_constant(name: str):
+    "NaN, Infinity or -Infinity in a received frame: not JSON."
+    raise ValueError(f"{name} is not JSON")
+
+
 ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False).encode
 DECODE = json.JSONDecoder(parse_constant=refuse_constant).decode  # of str: see from_frames
 # Signatures remembered, to reject a replayed message: 2**15 to 2**16 of them, kept in two
