@@ -6,6 +6,7 @@ Everything runs in a temporary Jupyter runtime and data dir, never the user's ow
 """
 
 import atexit
+import http.client
 import importlib.util
 import json
 import os
@@ -2629,24 +2630,31 @@ def lab(tmp_path_factory):
     for trace in ([], ["--show-messages"]):  # minikernel, and minikernel-trace
         subprocess.run([sys.executable, KERNEL, "install", "--user", *trace], env=env,
                        check=True, capture_output=True)
-    port, token = free_port(), uuid.uuid4().hex
-    with open(root / "lab.log", "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-             f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-             f"--ServerApp.root_dir={dirs['notebooks']}", "--allow-root"],  # CI runs as root
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + PAGE_WAIT
-        while True:
+    token, deadline = uuid.uuid4().hex, time.monotonic() + PAGE_WAIT
+    while True:  # free_port's port is free when it returns, but another process may bind it
+        port = free_port()  # before the server does (a kernel answered there once): try another
+        with open(root / "lab.log", "w") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+                 f"--port={port}", "--ServerApp.port_retries=0",
+                 f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={dirs['notebooks']}",
+                 "--allow-root"],  # CI runs as root
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        while server.poll() is None and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=PAGE_WAIT):
                     break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
+            except (OSError, http.client.HTTPException):  # not up yet, or not our server
                 time.sleep(0.2)
+        else:
+            server.kill()
+            server.wait()
+            if time.monotonic() < deadline and "already in use" in (root / "lab.log").read_text():
+                continue
+            pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()}")
+        break
+    try:
         yield {"url": url, "token": token, "notebooks": dirs["notebooks"], "log": root / "lab.log"}
     finally:
         server.terminate()  # it shuts its kernels down
