@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from collections import deque
 
 import jupyter_kernel_test
@@ -3691,13 +3692,28 @@ CHECK_IMPORTED = f"sorted(m for m in __import__('sys').modules if m.split('.')[0
 @pytest.fixture()
 def comm_kernel(raw_kernel):
     "A kernel started by hand, its iopub subscribed: (process, Raw client)."
-    proc, _, raw, _ = raw_kernel
-    deadline = time.monotonic() + TIMEOUT
-    while not raw.iopub.poll(500):  # anything on iopub: our subscription has arrived
-        assert time.monotonic() < deadline, "nothing on iopub"
-        raw.request("kernel_info_request", {})  # a nudge: its busy and idle go to iopub too
-    raw.recv(raw.iopub)
-    return proc, raw
+    proc, conn, raw, _ = raw_kernel
+    # In CI, twice in about a hundred lives, this SUB heard nothing for 15 s while shell answered:
+    # the kernel sent, and the connection made before it bound never reached it. Why is not
+    # known (not reproduced here in 300 lives under load). So after 5 s a new SUB connects,
+    # and a warning in the test summary shows what held the port when it was needed.
+    for attempt in range(3):
+        deadline = time.monotonic() + TIMEOUT / 3
+        while time.monotonic() < deadline:
+            raw.request("kernel_info_request", {})  # a nudge: its busy and idle go to iopub too
+            if raw.iopub.poll(500):  # anything on iopub: our subscription has arrived
+                raw.recv(raw.iopub)
+                return proc, raw
+        port = f":{conn['iopub_port']} "
+        held = shutil.which("ss") and subprocess.run(["ss", "-tanp"], capture_output=True,
+                                                     text=True).stdout or ""
+        warnings.warn(f"comm_kernel: nothing on iopub in 5 s (attempt {attempt + 1}), a new SUB;"
+                      f" on{port}" + " | ".join(x for x in held.splitlines() if port in x),
+                      stacklevel=1)
+        raw.iopub.close()
+        raw.iopub = raw.connect(conn, "iopub", zmq.SUB)
+        raw.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+    pytest.fail("nothing on iopub in 15 s, from three SUB sockets, while shell answered")
 
 
 def send(raw: Raw, msg_type: str, content: dict, buffers=()) -> str:
