@@ -3696,7 +3696,7 @@ def comm_kernel(raw_kernel):
     # In CI, twice in about a hundred lives, this SUB heard nothing for 15 s while shell answered:
     # the kernel sent, and the connection made before it bound never reached it. Why is not
     # known (not reproduced here in 300 lives under load). So after 5 s a new SUB connects,
-    # and a warning in the test summary shows what held the port when it was needed.
+    # and a warning in the test summary shows the sockets on that port at that moment.
     for attempt in range(3):
         deadline = time.monotonic() + TIMEOUT / 3
         while time.monotonic() < deadline:
