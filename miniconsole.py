@@ -30,7 +30,7 @@ hb, so that a dead kernel is noticed within seconds (a stopped one is waited for
     printf 'x = 1\\nprint(x + 1)\\n' | python miniconsole.py --existing   piped: outputs only
 
 The kernel decides when a cell is complete (when it cannot say, a blank line ends the cell, and
-two blank lines always do); Tab completes; history is kept. Ctrl-C interrupts
+at a terminal two blank lines always do); Tab completes; history is kept. Ctrl-C interrupts
 a running cell, on any kernel, also one we did not start; at the prompt it drops the cell
 being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start stays
 alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
@@ -220,7 +220,7 @@ def json_frame(d: dict) -> bytes:
 
 
 def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
-    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    "Serialize, sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content, buffers...]"
     # Shaped for speed: the 3 to 5 messages that answer a request all have its header as their
     # parent, so the JSON of the last parent is kept (a header never changes once made).
     parent, (last, last_json) = msg["parent_header"], session["parent"]
@@ -469,6 +469,7 @@ def read_cell(con: Console) -> Optional[str]:
         blank = not line.strip()  # unknown, no answer, or an error: a blank line ends the cell,
         ended = (status in ("complete", "invalid") or (blank and status != "incomplete")
                  or (blank and lines[-2:] == ["", ""]))  # and two, whatever the kernel says
+        # (piped, blank lines never end a block whose next line is still indented: as in a file)
         if ended and (con.tty or line.strip() or not block_goes_on(con, lines)):
             return "\n".join(lines)  # invalid runs too: the kernel explains the error best
 

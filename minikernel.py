@@ -289,7 +289,7 @@ def json_frame(d: dict) -> bytes:
 
 
 def to_frames(session: dict, msg: dict, ids: Sequence[bytes] = ()) -> list:
-    "Serialize and sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content]."
+    "Serialize, sign: [ids..., <IDS|MSG>, signature, header, parent, metadata, content, buffers...]"
     # Shaped for speed: the 3 to 5 messages that answer a request all have its header as their
     # parent, so the JSON of the last parent is kept (a header never changes once made).
     parent, (last, last_json) = msg["parent_header"], session["parent"]
@@ -437,11 +437,11 @@ def send_queued():
 # Python frontend reads them. So iopub does not drop (XPUB_NODROP): a send waits for room, as a
 # write to a full pipe waits for its reader (with the lock held: every message keeps its place).
 # Room comes back in batches, once a reader has taken about 500 messages: half a second apart
-# for jupyter_client here, and up to three on a loaded machine. A frontend that takes nothing
-# for SEND_PATIENCE (stopped, or gone without a goodbye) is sent one message the lossy way,
-# zmq's default: the full queue drops it, and zmq then leaves that queue out, dropping for it,
-# until its reader has taken those 500. By then every frontend that reads has caught up, so
-# only the stuck one loses anything.
+# for jupyter_client here, and up to three on a loaded machine. A message that finds no room
+# for SEND_PATIENCE (a frontend stopped, gone without a goodbye, or that far behind) is sent
+# the lossy way, zmq's default: the full queue drops it, and zmq then leaves that queue out,
+# dropping for it, until its reader has taken those 500. By then every frontend that reads
+# steadily has caught up, so only one that far behind loses anything.
 SEND_PATIENCE = 5.0  # seconds
 FIRST_FRAME = int(zmq.SNDMORE | zmq.NOBLOCK)  # an int: see send_frames
 
@@ -877,7 +877,8 @@ def serve_shell(shell: zmq.Socket):
         dispatch("shell", shell, frames, SHELL_HANDLERS)
         kernel["starting"] = False  # (a cell clears it as it starts; a dropped message, here)
         queued, kernel["queued"] = kernel["queued"], []
-        for frames in queued:  # behind a failed cell: answered, but no code runs
+        for frames in queued:  # behind a failed cell: each execute_request is answered
+            # 'aborted' and runs nothing; other requests and comm messages are handled as usual
             dispatch("shell", shell, frames, aborting)
 
 
@@ -2120,7 +2121,8 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     capture_fds()
     os.register_at_fork(after_in_child=in_forked_child)
     # Registered before the user's, it runs after them (last in, first out). pyzmq's own, from
-    # its import, comes after it and is skipped: it only marks contexts as not to be restarted.
+    # its import, comes after it and is skipped: it only keeps a context's __del__ at exit
+    # from warning and destroying it.
     atexit.register(exit_without_teardown)
     builtins.input, getpass.getpass = user_input, user_getpass
     kernel["wakeup"], wakeup_w = os.pipe()
