@@ -3694,8 +3694,8 @@ def comm_kernel(raw_kernel):
     "A kernel started by hand, its iopub subscribed: (process, Raw client)."
     proc, conn, raw, _ = raw_kernel
     # In CI, twice in about a hundred lives, this SUB heard nothing for 15 s while shell answered:
-    # the kernel sent, and the connection made before it bound never reached it. Why is not
-    # known (not reproduced here in 300 lives under load). So after 5 s a new SUB connects,
+    # the kernel was serving, yet nothing reached the SUB, which connected before it bound. Why
+    # is not known (not reproduced here in 300 lives under load). So after 5 s a new SUB connects,
     # and a warning in the test summary shows the sockets on that port at that moment.
     for attempt in range(3):
         deadline = time.monotonic() + TIMEOUT / 3
