@@ -414,13 +414,16 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
 @contextlib.contextmanager
 def sending():
     "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
-    output["sending"] = True
-    try:
-        with uninterrupted():
+    # The flag goes up and down inside uninterrupted(). An interrupt raised as the finally
+    # began would skip it, and every later message would wait in the queue for good (seen on
+    # Python 3.10, which may run a signal handler between any two bytecodes: see Signals).
+    with uninterrupted():
+        output["sending"] = True
+        try:
             yield
             send_queued()
-    finally:
-        output["sending"] = False
+        finally:
+            output["sending"] = False
 
 
 def send_queued():
@@ -890,6 +893,11 @@ def serve_shell(shell: zmq.Socket):
 # signal handlers in the main thread only, and a signal wakes it from time.sleep, input() or a
 # socket wait. A signal is never missed (the wakeup pipe), never splits a message (it waits
 # while one is being sent), and one that Python sat on is sent again.
+# Where a handler runs differs by version: Python 3.11 and later run it at calls and at loops'
+# jumps back, 3.9 and 3.10 between almost any two bytecodes. So where a finally clears a flag
+# that lets on_sigint raise (kernel["running"]), the flag is set inside the try: set just
+# before it, an interrupt in between would leave it set, and the next SIGINT, idle, would
+# end the kernel.
 
 # How many SIGINTs the main thread has taken (see interrupt_request). A count, not an Event:
 # Event.set takes a lock, and a second SIGINT whose handler ran inside the first one's set
@@ -939,7 +947,7 @@ def uninterrupted():
     if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
         yield  # signals reach the main thread only; or we are inside already
         return
-    kernel["sending"] = True
+    kernel["sending"] = True  # from here on_sigint raises nothing: no try needed before it
     try:
         yield
     finally:
@@ -1146,8 +1154,8 @@ def comm_callback(f, *args) -> bool:
     # Its buffers as memoryviews, as ipykernel gives them: ipywidgets calls .tobytes() on them.
     msg["buffers"] = [memoryview(b) for b in msg["buffers"]]
     cell = output_belongs_to(msg["header"])  # an Output widget captures it by that msg_id
-    kernel["running"] = True
     try:
+        kernel["running"] = True  # inside the try: see Signals
         f(*args)
         return True
     except (Exception, KeyboardInterrupt) as e:
@@ -1307,8 +1315,8 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import linecache
 
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
-    kernel["running"], kernel["starting"] = True, False
     try:
+        kernel["running"], kernel["starting"] = True, False  # inside the try: see Signals
         interrupt_now()  # an interrupt that came while this request was on its way
         source, quiet = transform(code)
         tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
@@ -1619,8 +1627,8 @@ def inspect_request(msg: dict) -> dict:
 
 def interruptible(function, *args):
     "Call a function that runs user code (a __dir__, a __repr__): an interrupt stops it."
-    kernel["running"] = True
     try:
+        kernel["running"] = True  # inside the try: see Signals
         interrupt_now()  # one that came while this request was on its way
         return function(*args)
     finally:
