@@ -414,9 +414,9 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
 @contextlib.contextmanager
 def sending():
     "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
-    # The flag goes up and down inside uninterrupted(). An interrupt raised as the finally
-    # began would skip it, and every later message would wait in the queue for good (seen on
-    # Python 3.10, which may run a signal handler between any two bytecodes: see Signals).
+    # The flag goes up and down inside uninterrupted(), where no interrupt is raised. Lowered
+    # outside it, an interrupt raised just as the finally began could skip that line, and every
+    # later message would wait in the queue for good (seen on Python 3.10: see Signals).
     with uninterrupted():
         output["sending"] = True
         try:
