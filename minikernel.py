@@ -114,6 +114,9 @@ kernel = {
     "exiting": False,  # shutdown is under way
     "leaving": False,  # shutdown's SIGINT came: SystemExit, now or at the end of the send under way
     "wakeup": -1,  # read end of the pipe that signals write to (signal.set_wakeup_fd)
+    # Shaped for speed: for each socket the main thread waits on, a Poller of it and the wakeup
+    # pipe, made once. zmq.select makes one at each call, with flag enums: 11.5 µs a wait, not 2.
+    "pollers": {},
     "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
     "loop": None,  # the event loop that cells with a top-level await run on (the first makes it)
@@ -508,7 +511,9 @@ def stream_json(name: str, text: str) -> Optional[bytes]:
     if (any(c in raw for c in CONTROL_BYTES) if len(raw) > 1 << 14
             else len(raw.translate(None, CONTROL)) < len(raw)):
         return None
-    return b'{"name": "%s", "text": "%s"}' % (name.encode(), raw.replace(b"\n", b"\\n"))
+    # join, not %: the same for a short text, ten times quicker for a piece of 1 MiB
+    return b"".join((b'{"name": "', name.encode(), b'", "text": "', raw.replace(b"\n", b"\\n"),
+                     b'"}'))
 
 
 def give_back_memory():
@@ -969,11 +974,12 @@ def recv_interruptibly(sock: zmq.Socket) -> list:
     "Wait for a message in the main thread, waking for any signal so its handler runs at once."
     # A signal that lands just before a blocking recv would go unnoticed until the next
     # message. So every signal also writes a byte to the wakeup pipe, and we wait on both.
+    poller = kernel["pollers"][sock]
     while True:
-        readable, _, _ = zmq.select([sock, kernel["wakeup"]], [], [])
-        if kernel["wakeup"] in readable:
+        ready = dict(poller.poll())  # {socket or fd: events}
+        if kernel["wakeup"] in ready:
             os.read(kernel["wakeup"], 64)  # back in Python now: the handler runs, may raise
-        if sock in readable:
+        if sock in ready:
             # A request is here, still on the socket, so on_sigint sees it: an interrupt from
             # now on is for it.
             if sock is kernel["sockets"]["shell"]:
@@ -2136,6 +2142,10 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     kernel["wakeup"], wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)  # every signal also writes a byte here: see recv_interruptibly
+    for sock in (sockets["shell"], sockets["stdin"]):  # what recv_interruptibly waits on
+        kernel["pollers"][sock] = poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(kernel["wakeup"], zmq.POLLIN)
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, lambda signum, frame: leave())
 
