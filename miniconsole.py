@@ -34,7 +34,7 @@ at a terminal two blank lines always do); Tab completes; history is kept. Ctrl-C
 a running cell, on any kernel, also one we did not start; at the prompt it drops the cell
 being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start stays
 alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
-console; quit(keep_kernel=True) keeps it.
+console; quit(keep_kernel=True) keeps it, and so does --keep-kernel, for a kernel we started.
 Piped, cells come from stdin (a blank line inside an indented block does not end it when the
 next line is still indented, as in a file), input() takes the next line, only the cells'
 output is printed, and the exit status is 1 if any cell raised. A silent heartbeat is reported
@@ -460,6 +460,7 @@ def read_cell(con: Console) -> Optional[str]:
         if not lines and line.strip() in EXIT_COMMANDS:
             return None
         if not lines and not line.strip():
+            indent = ""  # a half-typed line that came back, erased: it is gone
             continue
         lines.append(line if line.strip() else "")  # an untouched indent counts as blank
         status, indent = is_complete(con, "\n".join(lines))
@@ -571,7 +572,7 @@ def run_cell(con: Console, code: str) -> Optional[dict]:
                 if msg:
                     handle(con, msg)
             watch_kernel(con)
-            if con.interrupts > 1:  # the kernel ignored the first Ctrl-C; stop waiting for it
+            if con.interrupts > 1:  # a second Ctrl-C: stop waiting, heeded or not, at once
                 write(con, "stderr", "miniconsole: stopped waiting; the kernel may still run it\n")
                 return None
     finally:
@@ -614,7 +615,7 @@ def bundle(data: dict) -> str:
     for mime, value in data.items():
         if mime != "text/plain":  # {"image/png": "iVBORw0KGgo..."}: a terminal can't show it
             size = len(value if isinstance(value, str) else json.dumps(value))
-            lines.append(f"<{mime}, {size} bytes>")
+            lines.append(f"<{mime}, {size} characters>")
     return "\n".join(lines)
 
 
@@ -627,7 +628,8 @@ OUTPUT = {  # msg_type: (content, tty) -> (stdout or stderr, text)
     "update_display_data": lambda c, tty: ("stdout", bundle(c["data"]) + "\n"),
     "error": lambda c, tty: (  # {"ename": ..., "evalue": ..., "traceback": [lines]}
         "stderr", "\n".join(c["traceback"] or [f"{c['ename']}: {c['evalue']}"]) + "\n"),
-    "clear_output": lambda c, tty: ("stdout", "\r\x1b[K" if tty else ""),  # the line, at least
+    # Clears the cursor's line only: after output that ended in a newline, an empty one.
+    "clear_output": lambda c, tty: ("stdout", "\r\x1b[K" if tty else ""),
 }
 
 
@@ -882,18 +884,19 @@ def main(argv: Optional[list] = None) -> int:
 
 def leave(client: Optional[Client], kernel: Optional[subprocess.Popen], path: str,
           keep: bool, stop: bool = False) -> None:
-    "On the way out: stop the kernel we started, unless asked to keep it; close our sockets."
+    "On the way out: stop our kernel unless it is kept, one we attached to if exit() asked."
     signal.setitimer(signal.ITIMER_REAL, 0)
     if stop and client and not kernel:  # exit() in a cell stops even a kernel we attached to
         client.request("control", "shutdown_request", {"restart": False}, timeout=2.0)
     elif kernel and keep and kernel.poll() is None:
         print(f"[kernel left running; reattach with: python {sys.argv[0]} --existing {path}]")
     elif kernel:
-        if client and kernel.poll() is None:
-            client.request("control", "shutdown_request", {"restart": False}, timeout=2.0)
         try:
+            if client and kernel.poll() is None:
+                client.request("control", "shutdown_request", {"restart": False}, timeout=2.0)
             kernel.wait(5)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # stuck, or Ctrl-C: no more waiting
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C more must not orphan it now
             kernel.kill()
             kernel.wait()
         with contextlib.suppress(OSError):  # the kernel may have removed it itself

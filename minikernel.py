@@ -101,7 +101,7 @@ kernel = {
     # The header of the request whose user code runs, or ran last (an execute_request, or a
     # comm message whose callback runs): the parent of the output that threads print.
     "cell": {},
-    "silent": False,  # a silent execute_request runs: its output is dropped, not broadcast
+    "silent": False,  # a silent execute_request runs: its output is dropped (see hushed)
     "execution_count": 1,  # the N of the next In[N]
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager, ask_exit)
@@ -557,7 +557,8 @@ def iopub_ticker(iopub: zmq.Socket):
                 if event[:1] == b"\x01":  # XPUB_VERBOSE: every subscription, even a repeat
                     topic = event[1:].decode(errors="replace")
                     # Published on that topic, so zmq's prefix matching hands it to everyone
-                    # subscribed to a prefix of it: a welcome for b"" reaches every frontend.
+                    # subscribed to a prefix of it. The welcome for b"", a prefix of every
+                    # topic, goes out on kernel.iopub_welcome and reaches every frontend.
                     send_iopub("iopub_welcome", {"subscription": topic}, topic=topic)
                     welcomed = True
             # Then the latest status, once more: jupyter console sends its first cell without
@@ -566,6 +567,11 @@ def iopub_ticker(iopub: zmq.Socket):
             if welcomed and output["status"]:
                 send_iopub("status", *output["status"])
             flush_output()
+
+
+def hushed() -> bool:
+    "Is this a silent execute_request's code, whose output is dropped? Other threads' is not."
+    return kernel["silent"] and threading.current_thread() is threading.main_thread()
 
 
 class Stream(io.TextIOBase):
@@ -585,7 +591,7 @@ class Stream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if kernel["silent"]:  # silent code broadcasts nothing
+        if hushed():
             return len(text)
         # Shaped for speed: a print loop writes hundreds of thousands of times, and taking the
         # lock to sort each write into its run was a third of the kernel's work for it. One
@@ -768,7 +774,9 @@ def user_expression(expr: str) -> dict:
     try:
         data, metadata = mimebundle(eval(expr, user.__dict__))
         return {"status": "ok", "data": data, "metadata": metadata}
-    except Exception as e:  # not kept for %debug: it is the frontend's code, not the user's
+    except BaseException as e:  # not kept for %debug: it is the frontend's code, not the user's
+        if kernel["exiting"]:
+            raise
         return {"status": "error", **error_content(e)}
 
 
@@ -864,7 +872,9 @@ def dispatch(channel: str, sock: zmq.Socket, frames: list, handlers: dict):
             log(f"{channel}: unknown msg_type {msg_type!r}, ignored")
         elif (content := handlers[msg_type](msg)) is not None and reply_type:
             reply = answer(content)  # serialized here: a reply that cannot be is an error too
-    except (Exception, KeyboardInterrupt) as e:  # signed, but nonsense: say so, keep serving
+    except BaseException as e:  # signed, but nonsense, or user code's sys.exit(): say so, serve on
+        if kernel["exiting"]:  # this SystemExit is ours: the kernel is shutting down
+            raise
         log(f"{channel}: {msg_type} failed: {type(e).__name__}: {e}")
         error = {"status": "error", "ename": type(e).__name__, "evalue": str(e), "traceback": []}
         reply = answer(error) if reply_type else None
@@ -1165,8 +1175,10 @@ def comm_callback(f, *args) -> bool:
         kernel["running"] = True  # inside the try: see Signals
         f(*args)
         return True
-    except (Exception, KeyboardInterrupt) as e:
+    except BaseException as e:  # sys.exit() too: as in a cell, it ends the callback, not the kernel
         kernel["running"] = False  # at once, as in run_cell: a second Ctrl-C must not break this
+        if kernel["exiting"]:
+            raise
         show_error(e, f"{msg['header']['msg_type']} callback failed")
         return False
     finally:
@@ -1321,7 +1333,10 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import ast  # imported by the first cell, like linecache: a kernel only started stays small
     import linecache
 
-    linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
+    # For tracebacks, the lines as they are compiled: split where the tokenizer splits, without
+    # a pasted block's margin, each ending in a newline as linecache's own do. Else the carets
+    # under an error would be off by the margin, and by one on a last line without a newline.
+    linecache.cache[name] = (len(code), None, dedent(code + "\n"), name)
     try:
         kernel["running"], kernel["starting"] = True, False  # inside the try: see Signals
         interrupt_now()  # an interrupt that came while this request was on its way
@@ -1515,7 +1530,7 @@ def display(*objs, display_id=None, update: bool = False, raw: bool = False,
         data, md = (obj, {}) if raw else mimebundle(obj)
         if include:  # IPython's display_html() and the like: that mimetype only
             data = {mime: value for mime, value in data.items() if mime in include}
-        if not kernel["silent"]:  # silent code broadcasts nothing
+        if not hushed():
             publish("update_display_data" if update else "display_data",
                     {"data": data, "metadata": {**md, **(metadata or {})},
                      "transient": transient}, kernel["cell"])
@@ -1542,7 +1557,7 @@ class DisplayHandle:
 
 def clear_output(wait: bool = False):
     "Clear this cell's output now, or (wait=True) just before the next output arrives."
-    if not kernel["silent"]:
+    if not hushed():
         publish("clear_output", {"wait": wait}, kernel["cell"])
 
 
@@ -1636,7 +1651,6 @@ def interruptible(function, *args):
     "Call a function that runs user code (a __dir__, a __repr__): an interrupt stops it."
     try:
         kernel["running"] = True  # inside the try: see Signals
-        interrupt_now()  # one that came while this request was on its way
         return function(*args)
     finally:
         kernel["running"] = False
@@ -1953,8 +1967,9 @@ def read_fds():
         if read_end not in ready:
             continue
         with contextlib.suppress(BlockingIOError):  # emptied since the poll: nothing is lost
+            # While silent code runs, what comes is dropped, whoever wrote it: a pipe can't say.
             if (text := decoder.decode(os.read(read_end, PIPE_READ))) and not kernel["silent"]:
-                buffer_output(name, text)  # (silent code broadcasts nothing, as in Stream.write)
+                buffer_output(name, text)
 
 
 def in_forked_child():

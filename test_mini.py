@@ -1365,6 +1365,53 @@ def test_the_reply_comes_after_the_cells_output_on_the_wire(hard_kernel):
 
 
 @pytest.mark.timeout(60)
+def test_a_systemexit_outside_a_cell_is_an_error_not_a_shutdown(hard_kernel):
+    """sys.exit() in user code that runs outside a cell (a comm target's handler, a user
+    expression, the __dir__ that completion calls) is an error, as it is in a cell: the kernel
+    serves on. Only a shutdown ends it."""
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        reply, _ = c.execute("import sys, minikernel\n"
+                             "minikernel.register_target('quits', lambda comm, msg: sys.exit(3))\n"
+                             "class Quits:\n    def __dir__(self):\n        sys.exit(4)\n"
+                             "q = Quits()")
+        assert reply["status"] == "ok", reply
+        opened = c.send(c.shell, "comm_open", {"comm_id": "q1", "target_name": "quits", "data": {}})
+        seen = []
+        c.execute("pass", everything=seen)  # its idle comes after the comm_open's messages
+        assert hard_kernel.alive(), hard_kernel.log()[-2000:]
+        assert [m["content"]["ename"] for m in seen if m["msg_type"] == "error"
+                and m["parent_header"].get("msg_id") == opened] == ["SystemExit"]
+        reply, _ = c.execute("pass", user_expressions={"x": "sys.exit(5)"})
+        assert hard_kernel.alive(), hard_kernel.log()[-2000:]
+        assert reply["status"] == "ok"
+        assert reply["user_expressions"]["x"]["ename"] == "SystemExit"
+        done = c.request("complete_request", {"code": "q.", "cursor_pos": 2})["content"]
+        assert hard_kernel.alive(), hard_kernel.log()[-2000:]
+        assert done["status"] == "error" and done["ename"] == "SystemExit", done
+        assert_serving(hard_kernel, c)
+    finally:
+        c.close()
+
+
+def test_a_silent_request_hushes_its_own_code_not_other_threads(hard_kernel):
+    "A thread of an earlier cell prints on while a silent request runs: none of it is lost."
+    c = Client(hard_kernel.conn)
+    try:
+        c.wait_ready(hard_kernel)
+        seen = []
+        c.execute("import threading, time\n"
+                  "def talk():\n    for i in range(10):\n        print('bg', i); time.sleep(0.05)\n"
+                  "t = threading.Thread(target=talk)\nt.start()", everything=seen)
+        c.execute("print('hush'); time.sleep(0.3)", silent=True, everything=seen)
+        c.execute("t.join()", everything=seen)
+        text = "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream")
+        assert text == "".join(f"bg {i}\n" for i in range(10))
+    finally:
+        c.close()
+
+
 def test_silent_code_broadcasts_nothing(hard_kernel):
     c = Client(hard_kernel.conn)
     try:
@@ -2040,6 +2087,18 @@ def test_a_cell_indented_as_a_whole_runs(kernel):
     reply, outputs = run(kc, "    a = 2\n    if a:\n\n        a += 1\n    a")
     assert reply["status"] == "ok", reply
     assert [c["data"]["text/plain"] for t, c in outputs if t == "execute_result"] == ["3"]
+
+
+def test_an_indented_cells_traceback_points_at_what_failed(kernel):
+    "Its source lines as they ran, margin gone: Python 3.11's carets sit under the error."
+    _, kc = kernel
+    reply, _ = run(kc, "    x = 1\n    print(x / 0)")
+    frame = next(f for f in reply["traceback"] if "print(x / 0)" in f).splitlines()
+    at = next(n for n, line in enumerate(frame) if "print(x / 0)" in line)
+    if sys.version_info >= (3, 11):
+        marks = frame[at + 1]  # ~~^~~ under x / 0, the operator marked
+        start = len(marks) - len(marks.lstrip())
+        assert frame[at][start : start + 5] == "x / 0", frame
 
 
 @pytest.mark.parametrize("code, expected", [
@@ -3081,6 +3140,31 @@ def test_start_and_leave_own_kernel(own_console, env):
     assert not os.path.exists(path)
 
 
+def test_ctrl_c_while_the_console_leaves_still_stops_its_kernel(own_console, env):
+    """Ctrl-D, then Ctrl-C while the console waits for its kernel (stopped, so it never answers
+    the shutdown) to go: the console kills it. No orphan, no connection file, no traceback."""
+    child = pexpect.spawn(sys.executable, [own_console], env=env, timeout=20, encoding="utf-8",
+                          dimensions=(50, 250))
+    child.expect(r"\[connected to (\S+);")
+    path = child.match.group(1)
+    child.expect(PROMPT)
+    kernel_proc = psutil.Process(child.pid).children()[0]
+    kernel_proc.suspend()  # SIGSTOP: its shutdown_reply never comes
+    try:
+        child.sendeof()
+        time.sleep(0.5)  # the console is in its 2 s wait for that reply
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        said = child.before
+        child.close()
+        kernel_proc.wait(timeout=10)
+        assert "Traceback" not in said, said
+        assert not os.path.exists(path)
+    finally:
+        if kernel_proc.is_running():
+            kernel_proc.kill()
+
+
 def test_ctrl_c_while_the_console_starts_its_kernel_stops_that_kernel(env, tmp_path):
     "A kernel that never finishes its connection file; Ctrl-C: no orphan, no file, no traceback."
     shutil.copy(CONSOLE, tmp_path / "miniconsole.py")
@@ -3224,8 +3308,9 @@ def test_rich_output_and_pager(any_kernel, env):
     child = spawn_console(env, "--existing", any_kernel.path)
     type_line(child,
               "class H: _repr_html_ = lambda self: '<b>hi</b>'; __repr__ = lambda self: 'H()'")
-    assert re.search(r"\r\nH\(\)\r\n<text/html, 9 bytes>\r\n", type_line(child, "display(H())"))
-    assert re.search(r"Out\[\d+\]: H\(\)\r\n<text/html, 9 bytes>\r\n", type_line(child, "H()"))
+    shown = type_line(child, "display(H())")
+    assert re.search(r"\r\nH\(\)\r\n<text/html, 9 characters>\r\n", shown)
+    assert re.search(r"Out\[\d+\]: H\(\)\r\n<text/html, 9 characters>\r\n", type_line(child, "H()"))
     assert "Return the number of items in a container." in type_line(child, "len?")
     assert leave(child) == 0
 
@@ -3261,15 +3346,25 @@ def test_interrupt_kernel_started_elsewhere(any_kernel, env):
     assert leave(child) == 0
 
 
-def test_other_frontend_output_shown_at_prompt(any_kernel, env):
-    "Another client's cell and its output appear above the prompt, marked, as they happen."
-    child = spawn_console(env, "--existing", any_kernel.path)
-    child.send("y = 12")  # half typed: it must survive the interruption
-    other = BlockingKernelClient(connection_file=any_kernel.path)
+def other_frontend(path: str) -> BlockingKernelClient:
+    "A second frontend, jupyter_client's, on the kernel of that connection file: ready."
+    other = BlockingKernelClient(connection_file=path)
     other.load_connection_file()
     other.start_channels()
     try:
         other.wait_for_ready(timeout=10)
+    except BaseException:
+        other.stop_channels()
+        raise
+    return other
+
+
+def test_other_frontend_output_shown_at_prompt(any_kernel, env):
+    "Another client's cell and its output appear above the prompt, marked, as they happen."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.send("y = 12")  # half typed: it must survive the interruption
+    other = other_frontend(any_kernel.path)
+    try:
         other.execute("print('from elsewhere')")
         child.expect(r"\[other frontend\] In \[(\d+)\]: print\('from elsewhere'\)", timeout=5)
         theirs = int(child.match.group(1))
@@ -3281,6 +3376,24 @@ def test_other_frontend_output_shown_at_prompt(any_kernel, env):
     child.expect(PROMPT)
     assert child.match.group(1) == str(theirs + 2)  # their cell, then ours
     assert "Out" in type_line(child, "y") and "123" in child.before
+    assert leave(child) == 0
+
+
+def test_a_half_typed_line_erased_after_a_renumber_stays_gone(any_kernel, env):
+    "The line comes back once, under the new prompt; erased and Enter, the next prompt is empty."
+    child = spawn_console(env, "--existing", any_kernel.path)
+    child.send("pri")
+    other = other_frontend(any_kernel.path)
+    try:
+        other.execute("elsewhere = 1")
+        child.expect_exact("[other frontend] In [", timeout=5)
+        child.expect_exact("]: pri", timeout=5)  # renumbered, half-typed line kept
+    finally:
+        other.stop_channels()
+    child.send("\x15")  # Ctrl-U: readline erases the line
+    child.sendline("")
+    child.expect(PROMPT)
+    assert "55" in type_line(child, "print(5 * 11)")
     assert leave(child) == 0
 
 
@@ -3299,12 +3412,9 @@ def test_an_input_prompt_that_looks_like_a_cell_prompt_is_not_renumbered(any_ker
 
 def test_a_busy_kernel_that_cannot_say_if_a_cell_is_complete(any_kernel, env):
     "Another frontend's cell holds the kernel: the console says so, and a blank line runs it."
-    other = BlockingKernelClient(connection_file=any_kernel.path)
-    other.load_connection_file()
-    other.start_channels()
+    other = other_frontend(any_kernel.path)
     child = spawn_console(env, "--existing", any_kernel.path)
     try:
-        other.wait_for_ready(timeout=10)
         other.execute("import time; time.sleep(4)")
         time.sleep(0.5)
         child.sendline("print(6 * 7)")
