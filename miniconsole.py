@@ -391,11 +391,21 @@ class Client:
 
 def handshake(client: Client, timeout: float = 10.0) -> dict:
     "Nudge until shell and iopub both answered; return the kernel_info_reply content."
-    reply, heard, deadline = None, False, time.monotonic() + timeout
+    # A kernel busy with another frontend's cell answers our nudges only when that cell ends,
+    # but its heartbeat echoes meanwhile. So after timeout, we wait on while it echoes, having
+    # said why, and send no more nudges: those on their way will be answered.
+    reply, heard, deadline, waiting = None, False, time.monotonic() + timeout, False
     while not (reply and heard):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no kernel answers at {client.connection_file} ({timeout} s)")
-        client.send("shell", "kernel_info_request", {})
+        if time.monotonic() > deadline and not waiting:
+            if not client.heartbeat(1.0):
+                raise TimeoutError(f"no kernel answers at {client.connection_file} ({timeout} s)")
+            print("miniconsole: the kernel is alive but busy (another frontend's cell?); waiting"
+                  " for it (Ctrl-C gives up)", file=sys.stderr)
+            waiting = True
+        if not waiting:
+            client.send("shell", "kernel_info_request", {})
+        elif not client.heartbeat():  # it went silent while we waited: stopped, or gone
+            raise TimeoutError(f"the kernel at {client.connection_file} stopped answering")
         reply = client.recv("shell", 0.5) or reply  # any reply will do: all answer a nudge
         heard = client.recv("iopub", 0.1) is not None or heard
     return reply["content"]

@@ -3410,6 +3410,20 @@ def test_an_input_prompt_that_looks_like_a_cell_prompt_is_not_renumbered(any_ker
     assert leave(child) == 0
 
 
+def test_attaching_to_a_kernel_busy_for_longer_than_the_handshake_waits_for_it(any_kernel, env):
+    """Another frontend's cell holds the kernel past the console's 10 s handshake: its heartbeat
+    still echoes, so the console says it is busy, waits, and then runs its cell."""
+    other = other_frontend(any_kernel.path)
+    try:
+        other.execute("import time; time.sleep(13)")
+        time.sleep(0.5)
+        result = piped(env, "print(6 * 7)\n", "--existing", any_kernel.path, timeout=40)
+        assert (result.returncode, result.stdout) == (0, "42\n"), result.stderr
+        assert "busy" in result.stderr
+    finally:
+        other.stop_channels()
+
+
 def test_a_busy_kernel_that_cannot_say_if_a_cell_is_complete(any_kernel, env):
     "Another frontend's cell holds the kernel: the console says so, and a blank line runs it."
     other = other_frontend(any_kernel.path)
