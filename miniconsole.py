@@ -31,9 +31,9 @@ hb, so that a dead kernel is noticed within seconds (a stopped one is waited for
 
 The kernel decides when a cell is complete (when it cannot say, a blank line ends the cell, and
 at a terminal two blank lines always do); Tab completes; history is kept. Ctrl-C interrupts
-a running cell, on any kernel, also one we did not start; at the prompt it drops the cell
-being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start stays
-alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
+a running cell (interrupt_request), also on a kernel we did not start; at the prompt it drops
+the cell being typed. Ctrl-D, or exit or quit typed alone, leave; a kernel we did not start
+stays alive. exit() inside a longer cell (an ask_exit payload) stops the kernel too, as in jupyter
 console; quit(keep_kernel=True) keeps it, and so does --keep-kernel, for a kernel we started.
 Piped, cells come from stdin (a blank line inside an indented block does not end it when the
 next line is still indented, as in a file), input() takes the next line, only the cells'
@@ -720,7 +720,9 @@ def answer_input(con: Console, msg: dict) -> None:
 # after HB_SILENCE: within 2 s.
 #
 # Ctrl-C is SIGINT. While our cell runs it belongs to the kernel: interrupt_request on control,
-# which works for any kernel, also one we did not start. Otherwise it is ours: KeyboardInterrupt.
+# which reaches a kernel we did not start too (a signal would need its process). The spec asks
+# it of kernels whose interrupt_mode is "message"; ipykernel (6 and later, in either mode) and
+# minikernel take it. Otherwise Ctrl-C is ours: KeyboardInterrupt.
 
 
 def read_line(con: Console, prompt: str, indent: str = "", password: bool = False) -> str:
