@@ -1300,11 +1300,11 @@ def dedent(code: str) -> list:
     return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
 
 
-def transform(code: str) -> tuple[str, bool]:
-    "The cell as Python source, and whether a `;` ends it (hiding its result)."
-    lines, read = dedent(code), []
-    if not PLAIN_ESCAPES.search(code):  # shaped for speed: plain Python, nothing to rewrite or
-        return "".join(lines), False  # hide, needs no tokenizer (a fifth of a round trip's CPU)
+def transform(lines: list) -> tuple[str, bool]:
+    "The cell's lines (dedented) as Python source, and whether a `;` ends it (hiding its result)."
+    source, read = "".join(lines), []
+    if not PLAIN_ESCAPES.search(source):  # shaped for speed: plain Python, nothing to rewrite or
+        return source, False  # hide, needs no tokenizer (a fifth of a round trip's CPU)
     import tokenize
     starts, depth, last = True, 0, ""  # the next line starts a statement; open brackets; last token
 
@@ -1333,14 +1333,15 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import ast  # imported by the first cell, like linecache: a kernel only started stays small
     import linecache
 
-    # For tracebacks, the lines as they are compiled: split where the tokenizer splits, without
-    # a pasted block's margin, each ending in a newline as linecache's own do. Else the carets
-    # under an error would be off by the margin, and by one on a last line without a newline.
-    linecache.cache[name] = (len(code), None, dedent(code + "\n"), name)
+    # The lines as they are compiled, kept for tracebacks: without a pasted block's margin, each
+    # ending in a newline as linecache's own do. Else the carets under an error would be off by
+    # the margin, and by one on a last line without a newline.
+    lines = dedent(code + "\n")
+    linecache.cache[name] = (len(code), None, lines, name)
     try:
         kernel["running"], kernel["starting"] = True, False  # inside the try: see Signals
         interrupt_now()  # an interrupt that came while this request was on its way
-        source, quiet = transform(code)
+        source, quiet = transform(lines)
         tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
@@ -1679,7 +1680,7 @@ def is_complete_request(msg: dict) -> dict:
     import codeop
     import warnings
     code = msg["content"]["code"]
-    source, _ = transform(code)
+    source, _ = transform(dedent(code))
     compile_command = codeop.CommandCompiler()
     compile_command.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # as run_cell compiles
     try:
