@@ -143,9 +143,11 @@ def start_raw(tmp_path, key="secret-key", extra_args=(), env=None):
 
 
 def free_port() -> int:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REP)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    "A port free now, below the range (32768 up on Linux) that connections' own ports come from."
+    # A port the OS picks is from that range, so a connection made before the kernel binds it
+    # may take it (seen once in a full run: "cannot listen ... Address already in use").
+    sock = zmq.Context.instance().socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32768)
     sock.close()
     return port
 
