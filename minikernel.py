@@ -1333,9 +1333,10 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
     import ast  # imported by the first cell, like linecache: a kernel only started stays small
     import linecache
 
-    # The lines as they are compiled, kept for tracebacks: without a pasted block's margin, each
-    # ending in a newline as linecache's own do. Else the carets under an error would be off by
-    # the margin, and by one on a last line without a newline.
+    # The cell's lines, kept for tracebacks, as transform gets them: without a pasted block's
+    # margin, each ending in a newline as linecache's own do (a magic's line shows as typed).
+    # Else the carets under an error would be off by the margin, and by one on a last line
+    # without a newline.
     lines = dedent(code + "\n")
     linecache.cache[name] = (len(code), None, lines, name)
     try:
