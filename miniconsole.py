@@ -306,6 +306,7 @@ class Client:
                 sock.identity = self.session["id"].encode()  # identity its request came from
             port = info[f"{channel}_port"]
             tcp = info.get("transport", "tcp") == "tcp"
+            sock.ipv6 = ":" in info["ip"]  # zmq takes an IPv6 address (::1) only when told
             sock.connect(f"tcp://{info['ip']}:{port}" if tcp else f"ipc://{info['ip']}-{port}")
         self.sockets["iopub"].subscribe(b"")  # every topic: the kernel's whole broadcast
         self.sockets["hb"].send(b"ping")

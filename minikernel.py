@@ -198,6 +198,7 @@ def bind_sockets(ctx: zmq.Context, conn: dict) -> dict:
         if name == "stdin":  # read only while input() waits: hold one message, not a thousand
             sock.setsockopt(zmq.RCVHWM, 1)  # (set before bind, or connections keep the default)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # fail fast if nobody listens for input
+        sock.ipv6 = ":" in conn["ip"]  # zmq takes an IPv6 address (::1) only when told
         port = conn[f"{name}_port"]
         if conn["transport"] == "ipc":
             sock.bind(f"ipc://{conn['ip']}-{port}")
@@ -2112,7 +2113,7 @@ def serve(path: Optional[str], ip: str, show_messages: bool):
     else:
         conn = new_connection(ip)
         path = path or os.path.join(runtime_dir(), f"kernel-{uuid.uuid4()}.json")
-    loopback = conn["ip"].startswith("127.") or conn["ip"] == "localhost"
+    loopback = conn["ip"].startswith("127.") or conn["ip"] in ("localhost", "::1")
     if conn["transport"] == "tcp" and not loopback:
         log(f"warning: listening on {conn['ip']}, not loopback: other machines can reach it")
     if not conn["key"]:
