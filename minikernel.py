@@ -122,6 +122,7 @@ kernel = {
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
     "loop": None,  # the event loop that cells with a top-level await run on (the first makes it)
     "exit_code": 0,  # the process's, once serve() is done
+    "forked": False,  # this process is a forked child of the kernel (see Output below Python)
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
@@ -476,6 +477,11 @@ def flush_output():
     read_fds()  # the prints, then what C code or a subprocess wrote before now, go out now too
     if not output["runs"]:  # shaped for speed: most flushes (one before each message) find
         return  # nothing, and outside a send the queue is empty too (see send_iopub)
+    if kernel["forked"]:  # in a forked child, whose fds 1 and 2 the kernel reads
+        runs, output["runs"], output["size"] = output["runs"], [], 0
+        for name, texts in runs:
+            os.write(1 if name == "stdout" else 2, "".join(texts).encode(errors="replace"))
+        return
     with sending():
         runs, output["runs"], output["size"] = output["runs"], [], 0
         for name, texts in runs:
@@ -1980,8 +1986,16 @@ def in_forked_child():
     # Only the forking thread lives on in a child: a lock that another thread held at the fork
     # stays held for good, and the kernel's sockets are not the child's to use.
     # Nor are its signal handlers: SIGTERM (Pool.terminate) must end the child, not "shut it down".
+    # Nor are the pipes' read ends: a child that read them would take what its siblings wrote.
     global iopub_lock
     iopub_lock = threading.RLock()
+    kernel["forked"] = True  # a Stream it inherited (a logging handler's) writes to its fd too
+    for read_end, _, _ in pipes:
+        waiting.unregister(read_end)
+        os.close(read_end)
+    pipes.clear()
+    output["writes"].clear()  # the kernel's text, which the kernel publishes
+    output["runs"], output["size"] = [], 0
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
     signal.set_wakeup_fd(-1)

@@ -2287,6 +2287,37 @@ def test_a_forked_childs_prints_reach_the_cell_and_pool_map_works(kernel):
         "(0, [0, 1, 4, 9, 16, 25])"]
 
 
+SIBLINGS = """
+import logging, multiprocessing, sys
+fork = multiprocessing.get_context("fork")
+log = logging.getLogger("siblings")
+log.handlers = [logging.StreamHandler(sys.stderr)]  # the kernel's stderr, which children inherit
+inherited = sys.stdout
+
+def speak(i):
+    print(f"print {i}")
+    log.warning(f"log {i}")
+    print(f"inherited {i}", file=inherited, flush=True)
+
+children = [fork.Process(target=speak, args=(i,)) for i in range(6)]
+for child in children:
+    child.start()
+for child in children:
+    child.join(10)
+"""
+
+
+def test_children_running_at_once_lose_none_of_their_output(kernel):
+    "Siblings print, log through a handler made in the kernel, and write to a stream they inherited."
+    _, kc = kernel
+    for _ in range(3):  # a child that stole its siblings' output did so in most runs, not all
+        reply, outputs = run(kc, SIBLINGS)
+        assert reply["status"] == "ok", reply
+        assert sorted(text(outputs).splitlines()) == sorted(
+            [f"print {i}" for i in range(6)] + [f"inherited {i}" for i in range(6)])
+        assert sorted(text(outputs, "stderr").splitlines()) == [f"log {i}" for i in range(6)]
+
+
 def test_a_forked_child_does_not_take_the_kernels_signal_handlers(kernel):
     _, kc = kernel
     code = ("import multiprocessing, time\n"
