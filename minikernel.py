@@ -1011,13 +1011,14 @@ def interrupt_request(msg: dict) -> dict:
     # lands after the last one before a blocking call (time.sleep, a lock) is seen only when
     # the call returns; if the main thread was waiting for the GIL there, that window lasts
     # as long as the wait. So a signal not taken within 0.1 s is sent again: it interrupts
-    # the call.
+    # the call. Only on_sigint counts what it takes: a cell that set a handler of its own gets
+    # one signal, as from one Ctrl-C.
     for _ in range(2):
         before, deadline = sigints["taken"], time.monotonic() + 0.1
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         while sigints["taken"] == before and time.monotonic() < deadline:
             time.sleep(0.002)
-        if sigints["taken"] != before:
+        if sigints["taken"] != before or signal.getsignal(signal.SIGINT) is not on_sigint:
             break
     return {"status": "ok"}
 
