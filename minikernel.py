@@ -103,6 +103,7 @@ kernel = {
     "cell": {},
     "silent": False,  # a silent execute_request runs: its output is dropped (see hushed)
     "execution_count": 1,  # the N of the next In[N]
+    "result": None,  # the last cell's value, which `_` holds unless the user took `_` for theirs
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager, ask_exit)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
@@ -1271,8 +1272,9 @@ SHELL_HANDLERS.update({  # the comm messages and their one request
 ################ Running a cell: REPL semantics
 
 # A cell runs like input at the Python prompt: its statements run in the user's namespace, and
-# if the last one is an expression, its value is shown (execute_result) and kept as `_`; a `;`
-# after it hides it, as in IPython. A cell pasted with all its lines indented runs dedented.
+# if the last one is an expression, its value is shown (execute_result) and kept as `_` (not
+# over a `_` of the user's own); a `;` after it hides it, as in IPython. A cell pasted with all
+# its lines indented runs dedented.
 # A line that starts a statement may be IPython's syntax: `%magic args`, `obj?` (help), `!cmd`
 # (the shell) or a bare `exit`. Each becomes a Python call, line for line, so tracebacks still
 # point at the right line. Only the tokenizer knows where a statement starts (never inside a
@@ -1361,7 +1363,9 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
             value = run_code(codes)
             if value is None or silent or quiet:
                 return None, None
-            user._ = value
+            if user.__dict__.get("_", kernel["result"]) is kernel["result"]:  # else `_` is the
+                user._ = value  # user's own (gettext's, a loop's), and stays theirs, as in IPython
+            kernel["result"] = value
             data, metadata = mimebundle(value)
             publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,
                                        "metadata": metadata}, kernel["parent"]["header"])

@@ -315,6 +315,20 @@ def test_last_expression_is_the_result_and_underscore_keeps_it(kernel):
     assert not [t for t, c in outputs if t == "execute_result"]
 
 
+def test_a_users_own_underscore_is_kept_until_deleted(fresh_kernel):
+    "As in IPython: `_ = gettext` or a loop's `_` stays the user's; deleted, `_` follows results."
+    _, kc = fresh_kernel
+    run(kc, "_ = str.upper  # gettext's idiom")
+    run(kc, "5")
+    assert results(run(kc, "_('kept')")[1]) == ["'KEPT'"]
+    run(kc, "for _ in range(3): pass")
+    run(kc, "6")
+    assert results(run(kc, "_")[1]) == ["2"]
+    run(kc, "del _")
+    run(kc, "7")
+    assert results(run(kc, "_ + 1")[1]) == ["8"]
+
+
 def test_namespace_is_main_and_persists(kernel):
     _, kc = kernel
     run(kc, "class Point:\n    pass\np = Point()")
