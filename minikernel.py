@@ -1510,6 +1510,8 @@ def mimebundle(obj) -> tuple[dict, dict]:
             data[mime] = value
         else:
             metadata.pop(mime, None)
+    if inline_figure(obj):  # a matplotlib figure has no rich repr of its own
+        data["image/png"] = figure_png(obj)
     try:
         bundle = obj._repr_mimebundle_(include=None, exclude=None)
     except Exception:
@@ -1917,19 +1919,30 @@ def __getattr__(name: str):
 
 def show(block=None):
     "plt.show(): every open figure as an image/png display_data, then closed."
-    import base64
-
     from matplotlib import pyplot
     from matplotlib._pylab_helpers import Gcf  # where pyplot keeps its figures, for backends
 
     try:
         for manager in Gcf.get_all_fig_managers():
-            png = io.BytesIO()
-            manager.canvas.figure.savefig(png, format="png", bbox_inches="tight")
-            display({"image/png": base64.b64encode(png.getvalue()).decode(),
-                     "text/plain": repr(manager.canvas.figure)}, raw=True)
+            display(manager.canvas.figure)
     finally:
         pyplot.close("all")
+
+
+def inline_figure(obj) -> bool:
+    "Is this a matplotlib figure, with figures inline? Then its value and display() show it."
+    figure = sys.modules.get("matplotlib.figure")  # not imported: no figure anywhere
+    return (figure is not None and isinstance(obj, figure.Figure)
+            and sys.modules["matplotlib"].get_backend() == BACKEND)
+
+
+def figure_png(figure) -> str:
+    "A figure as PNG, in base64 text, cropped to what it draws."
+    import base64
+
+    png = io.BytesIO()
+    figure.savefig(png, format="png", bbox_inches="tight")
+    return base64.b64encode(png.getvalue()).decode()
 
 
 def show_figures():

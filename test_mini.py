@@ -4104,6 +4104,21 @@ def test_figures_left_open_appear_at_the_end_of_the_cell(kernel):
     assert run_shown(kc, "plt.get_fignums()")[1][0][1]["data"]["text/plain"] == "[]"
 
 
+def test_a_figure_shown_as_a_value_or_by_display_is_an_image(kernel):
+    "A figure of an earlier cell (closed there) shows as an image again: its value, display()."
+    _, kc = kernel
+    run_shown(kc, "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([3, 1]);")
+    reply, outputs = run_shown(kc, "fig")
+    assert [(t, sorted(c["data"])) for t, c in outputs] == [
+        ("execute_result", ["image/png", "text/plain"])]
+    assert pngs([("display_data", outputs[0][1])])
+    reply, outputs = run_shown(kc, "display(fig)")
+    assert [(t, sorted(c["data"])) for t, c in outputs] == [
+        ("display_data", ["image/png", "text/plain"])]
+    assert pngs(outputs)
+    assert run_shown(kc, "plt.get_fignums()")[1][0][1]["data"]["text/plain"] == "[]"
+
+
 def test_matplotlib_inline_magic_is_accepted_and_others_say_what_to_do(kernel):
     _, kc = kernel
     reply, outputs = run_shown(kc, "%matplotlib inline")
