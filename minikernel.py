@@ -121,7 +121,7 @@ kernel = {
     "pollers": {},
     "trace": False,  # --show-messages: log every message received and sent
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
-    "loop": None,  # the event loop that cells with a top-level await run on (the first makes it)
+    "loop": None,  # the event loop that cells with a top-level await run on (see event_loop)
     "exit_code": 0,  # the process's, once serve() is done
     "forked": False,  # this process is a forked child of the kernel (see Output below Python)
 }
@@ -1393,6 +1393,8 @@ CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compil
 
 def run_code(codes: list):
     "Run a cell's statements, then its last expression, in the user's namespace: its value."
+    if kernel["loop"]:  # the main thread's again, after an asyncio.run() that unset it
+        event_loop()
     if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: the whole
         return run_on_loop(run_async(codes))  # cell runs on the event loop
     for code in codes:
@@ -1409,10 +1411,27 @@ async def run_async(codes: list):
     return value
 
 
+def event_loop():
+    "The kernel's event loop, which lives from cell to cell, set as the main thread's."
+    import asyncio  # imported by the first cell that awaits, or by the user: see hook_asyncio
+    kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    # asyncio.get_event_loop() and ensure_future() in a cell that does not await find it, so
+    # their tasks run on it, in the next cell that awaits.
+    asyncio.set_event_loop(kernel["loop"])
+    return kernel["loop"]
+
+
+def hook_asyncio(asyncio):
+    "asyncio, once imported: the kernel's loop is the main thread's from the first cell on."
+    if threading.current_thread() is threading.main_thread():  # (set_event_loop is per thread)
+        event_loop()
+
+
 def run_on_loop(coroutine):
-    "Run a cell's coroutine as a task on the kernel's event loop, which lives from cell to cell."
-    import asyncio  # imported by the first cell that awaits: most kernels never need it
-    loop = kernel["loop"] = kernel["loop"] or asyncio.new_event_loop()
+    "Run a cell's coroutine as a task on the kernel's event loop."
+    import asyncio
+
+    loop = event_loop()
     task = loop.create_task(coroutine)
     try:
         loop.run_until_complete(asyncio.wait([task]))  # raises only if interrupted
@@ -1841,7 +1860,8 @@ MAGICS = {"connect_info": connect_info, "console": console, "debug": debug, "pin
 # head of sys.meta_path watches imports instead: when the user's code first imports one, the
 # real module loads as usual, then HOOKS points its hooks at this module, so that code written
 # for ipykernel works unchanged. ipywidgets, for one, reaches comms through the comm package,
-# and shows itself through IPython.display.
+# and shows itself through IPython.display. (asyncio's hook, which gives the main thread the
+# kernel's event loop, stands with the cells that await, under Running a cell.)
 
 BACKEND = "module://minikernel"  # matplotlib's name for this module as a backend
 
@@ -1904,7 +1924,8 @@ def hook_ipywidgets(ipywidgets):
     logging.getLogger("traitlets").addHandler(shown)  # the logger its widgets have
 
 
-HOOKS = {"comm": hook_comm, "IPython.core.display_functions": hook_ipython_display,
+HOOKS = {"asyncio": hook_asyncio, "comm": hook_comm,
+         "IPython.core.display_functions": hook_ipython_display,
          "matplotlib": hook_matplotlib, "ipywidgets": hook_ipywidgets}
 
 

@@ -2489,6 +2489,22 @@ def test_top_level_await_async_for_and_async_with_run_on_one_loop(kernel):
     assert "Cell In[" in reply["traceback"][1] and "asyncio" not in "".join(reply["traceback"])
 
 
+@pytest.mark.parametrize("first", ["import asyncio", "import asyncio\nawait asyncio.sleep(0)",
+                                   "import asyncio\nasyncio.run(asyncio.sleep(0))"])
+def test_a_task_made_in_a_cell_that_does_not_await_runs_when_a_later_one_does(fresh_kernel,
+                                                                               first):
+    "ensure_future and get_event_loop() find the kernel's loop, whatever came before."
+    _, kc = fresh_kernel
+    run(kc, first)
+    reply, outputs = run(kc, "async def job(n):\n    await asyncio.sleep(0.01)\n    return n\n"
+                             "task = asyncio.ensure_future(job(1))\n"
+                             "other = asyncio.get_event_loop().create_task(job(2))")
+    assert reply["status"] == "ok" and text(outputs, "stderr") == "", reply  # no warning
+    reply, outputs = run(kc, "await task, await other")
+    assert reply["status"] == "ok", reply
+    assert results(outputs) == ["(1, 2)"]
+
+
 def test_an_interrupt_during_await_cancels_the_task_and_the_next_cell_runs(fresh_kernel):
     km, kc = fresh_kernel
     msg_id = kc.execute("import asyncio\ntry:\n    await asyncio.sleep(30)\n"
