@@ -1474,7 +1474,8 @@ def error_content(e: BaseException) -> dict:
     te = traceback.TracebackException(type(e), e, e.__traceback__)
     hide_kernel_frames(te)
     return {"ename": type(e).__name__, "evalue": evalue,
-            "traceback": [CELL_FRAME.sub(r"\1, line", part.rstrip("\n")) for part in te.format()]}
+            "traceback": [CELL_FRAME.sub(r"\1, line", part.removesuffix("\n"))  # joined by \n
+                          for part in te.format()]}
 
 
 def hide_kernel_frames(te):

@@ -603,6 +603,16 @@ def test_error_traceback_shows_cell_lines_not_kernel_frames(kernel):
     assert "minikernel.py" not in tb
 
 
+def test_a_chained_traceback_reads_as_pythons_own(kernel):
+    "The lines between chained exceptions, blank ones too, as Python prints them."
+    _, kc = kernel
+    reply, _ = run(kc, "try:\n    1/0\nexcept Exception as e:\n    raise ValueError('bad') from e")
+    tb = "\n".join(reply["traceback"])
+    assert ("ZeroDivisionError: division by zero\n\nThe above exception was the direct cause of"
+            " the following exception:\n\nTraceback (most recent call last):") in tb, tb
+    assert tb.endswith("ValueError: bad")
+
+
 def test_syntax_error_shows_its_caret(kernel):
     _, kc = kernel
     reply, _ = run(kc, "x = (1 +\n   2))")
