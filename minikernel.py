@@ -744,7 +744,8 @@ def execute_request(msg: dict) -> dict:
         kernel["starting"] = False
         return execute_reply("error", ename="TypeError", traceback=[], evalue=(
             "execute_request needs code as a string and user_expressions as an object"))
-    store = c.get("store_history", True) and not silent
+    blank = code == "" or code.isspace()  # nothing to run: not counted, as in IPython
+    store = c.get("store_history", True) and not silent and not blank
     n = kernel["execution_count"]
     if not silent:
         kernel["cell"] = msg["header"]

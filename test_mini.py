@@ -391,6 +391,11 @@ def test_execution_count_and_execute_input(kernel):
     assert failed["execution_count"] == n + 1  # an error still counts
     nxt, _ = run(kc, "4")
     assert nxt["execution_count"] == n + 2
+    for blank in ("", "  \n"):  # nothing to run: not counted, not kept, as in IPython
+        assert run(kc, blank)[0]["execution_count"] == n + 2
+    assert run(kc, "5")[0]["execution_count"] == n + 3
+    history = kc.history(hist_access_type="tail", n=2, reply=True, timeout=TIMEOUT)
+    assert [code for _, _, code in history["content"]["history"]] == ["4", "5"]
 
 
 def test_order_busy_input_outputs_reply_idle(kernel):
