@@ -1634,16 +1634,26 @@ def cursor(c: dict) -> int:
 
 
 IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
+FROM_IMPORT = re.compile(r"\s*from\s+([\w.]+)\s+import\s+[\w\s,(]*")  # from os import pa|
+IN_STRING = re.compile(r"""(['"])([^'"]*)$""")  # the line's last quote, and the text after it
 
 
 def complete_request(msg: dict) -> dict:
-    "Tab: the names, attributes and keywords that could finish the word before the cursor."
+    "Tab: the names, attributes, keywords, modules or paths that could finish the cursor's word."
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
-    base, dot, prefix = word_before(code[:pos]).rpartition(".")  # "os.pa|": "os", ".", "pa"
+    line = code[:pos].rpartition("\n")[2]
+    # Inside a string (an odd number of its quotes on the line, escapes aside): a file's path.
+    if (string := IN_STRING.search(line)) and line.count(string[1]) % 2:
+        return path_reply(string[2], pos)
+    base, dot, prefix = word_before(line).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
-        if IMPORT_LINE.fullmatch(code[:pos].rpartition("\n")[2]):
+        if IMPORT_LINE.fullmatch(line):
             names = module_names(base)
+        elif from_import := FROM_IMPORT.fullmatch(line):  # its submodules, and if it is
+            module = from_import[1]  # imported already, its names
+            names = module_names(module) + (dir(sys.modules[module]) if module in sys.modules
+                                            else [])
         elif dot:
             names = interruptible(dir, resolve(base))
         else:
@@ -1653,6 +1663,21 @@ def complete_request(msg: dict) -> dict:
     private = prefix.startswith("_")  # _names only when asked for
     matches = sorted({n for n in names if n.startswith(prefix) and (private or n[0] != "_")})
     return {"status": "ok", "matches": matches, "cursor_start": pos - len(prefix),
+            "cursor_end": pos, "metadata": {}}
+
+
+def path_reply(text: str, pos: int) -> dict:
+    "The files and folders a path could go on with: '/tmp/da' -> data/, dates.csv."
+    folder, slash, start = text.rpartition("/")
+    folder = os.path.expanduser(folder + slash) or "."  # "/tmp/", "~/", or the working dir
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(start)
+                 and (start[:1] == "." or name[:1] != ".")]  # hidden ones only when asked for
+    except OSError:  # no such folder, or not ours to read
+        names = []
+    matches = sorted(name + "/" if os.path.isdir(os.path.join(folder, name)) else name
+                     for name in names)  # a folder's slash: Tab again goes inside
+    return {"status": "ok", "matches": matches, "cursor_start": pos - len(start),
             "cursor_end": pos, "metadata": {}}
 
 

@@ -1119,6 +1119,27 @@ def test_complete_names_attributes_and_keywords(kernel):
     assert content["matches"] == ["real"] and content["cursor_start"] == 6  # code points
 
 
+def test_complete_paths_in_strings_and_names_after_from_import(kernel, tmp_path):
+    "In a string, Tab finishes a file's path; after `from m import`, m's names, not keywords."
+    _, kc = kernel
+    (tmp_path / "data").mkdir()
+    for name in ("dates.csv", ".hidden", "other"):
+        (tmp_path / name).write_text("")
+
+    def complete(code):
+        content = kc.complete(code, reply=True, timeout=TIMEOUT)["content"]
+        return content["matches"], len(code) - content["cursor_start"]
+
+    assert complete(f"open('{tmp_path}/da") == (["data/", "dates.csv"], 2)
+    assert complete(f'x = "a" + open("{tmp_path}/') == (["data/", "dates.csv", "other"], 0)
+    assert complete(f"open('{tmp_path}/.h") == ([".hidden"], 2)
+    assert complete(f"open('{tmp_path}/nowhere/x") == ([], 1)
+    assert complete("x = 'done' + whi") == (["while"], 3)  # after a closed string: names
+    assert "path" in complete("from os import pa")[0]
+    assert "pass" not in complete("from os import pa")[0]
+    assert complete("from xml import (dom, etr") == (["etree"], 3)  # not imported: its modules
+
+
 def test_inspect_signature_docstring_and_source(kernel):
     _, kc = kernel
     run(kc, "def scale(v, k=2):\n    'Multiply v by k.'\n    return v * k")
