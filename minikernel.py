@@ -1523,7 +1523,8 @@ def mimebundle(obj) -> tuple[dict, dict]:
     for method, mime in REPRS.items():
         try:
             value = getattr(obj, method)()
-        except Exception:  # no such repr, or a broken one: text/plain still stands
+        except Exception as e:  # no such repr, or a broken one: text/plain still stands
+            repr_failed(obj, method, e)
             continue
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
             value, metadata[mime] = value  # (data, metadata)
@@ -1535,13 +1536,20 @@ def mimebundle(obj) -> tuple[dict, dict]:
         data["image/png"] = figure_png(obj)
     try:
         bundle = obj._repr_mimebundle_(include=None, exclude=None)
-    except Exception:
+    except Exception as e:
+        repr_failed(obj, "_repr_mimebundle_", e)
         return data, metadata
     bundle, extra = bundle if isinstance(bundle, tuple) and len(bundle) == 2 else (bundle, {})
     if isinstance(bundle, dict) and isinstance(extra, dict):
         data.update(bundle)
         metadata.update(extra)
     return data, metadata
+
+
+def repr_failed(obj, method: str, e: Exception):
+    "A repr method of the object's class that raised: its error is an output, as in IPython."
+    if hasattr(type(obj), method) and not isinstance(e, NotImplementedError):  # that declines
+        publish("error", error_content(e), kernel["cell"])
 
 
 def fit(mime: str, value):

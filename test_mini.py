@@ -1691,6 +1691,23 @@ def test_rich_reprs_of_the_wrong_type_are_left_out(hard_kernel):
         c.close()
 
 
+def test_a_rich_repr_that_fails_says_so_and_the_text_still_shows(kernel):
+    "As in IPython: its error is an output, the cell still succeeds; NotImplementedError declines."
+    _, kc = kernel
+    reply, outputs = run(kc, "class Broken:\n"
+                             "    def __repr__(self): return 'Broken()'\n"
+                             "    def _repr_html_(self): return 1 / 0\n"
+                             "    def _repr_markdown_(self): raise NotImplementedError\n"
+                             "    def _repr_mimebundle_(self, include=None, exclude=None):\n"
+                             "        raise KeyError('bundle')\n"
+                             "Broken()")
+    assert reply["status"] == "ok", reply
+    assert [(c["ename"], c["traceback"][-1]) for t, c in outputs if t == "error"] == [
+        ("ZeroDivisionError", "ZeroDivisionError: division by zero"),
+        ("KeyError", "KeyError: 'bundle'")]
+    assert results(outputs) == ["Broken()"]
+
+
 @pytest.mark.timeout(60)
 def test_display_id_true_makes_a_fresh_id_and_update_needs_one(hard_kernel):
     c = Client(hard_kernel.conn)
