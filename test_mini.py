@@ -205,6 +205,18 @@ def wait_ready(raw: Raw, proc=None, timeout=TIMEOUT) -> dict:
     raise TimeoutError("kernel never answered kernel_info_request")
 
 
+def readline(pipe, timeout=TIMEOUT) -> str:
+    "pipe.readline(), in a thread: a process that never writes its line fails the test, not hangs."
+    # (select on the pipe's fd would miss lines already in its buffer, read with an earlier one)
+    line = []
+    reader = threading.Thread(target=lambda: line.append(pipe.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line:
+        pytest.fail(f"no line from the process within {timeout} s")
+    return line[0]
+
+
 def stop(proc: subprocess.Popen) -> str:
     "Stop a kernel we started (SIGTERM, then SIGKILL) and return its stderr."
     proc.terminate()
@@ -717,8 +729,9 @@ def test_interrupt_while_waiting_for_input(fresh_kernel):
     assert "input('wait: ')" in reply["content"]["traceback"][-2]
     assert "zmq" not in "".join(reply["content"]["traceback"])
     kc.input("too late")  # a reply after the interrupt must not confuse the next input()
-    reply, _ = run(kc, "input()", stdin=["fresh"])
+    reply, outputs = run(kc, "v = input(); v", stdin=["fresh"])
     assert reply["status"] == "ok"
+    assert results(outputs) == ["'fresh'"]  # the fresh answer, not the stale one
 
 
 ################ Frontends sharing one kernel
@@ -925,18 +938,20 @@ def test_sigint_and_interrupt_request_while_idle_are_harmless(fresh_kernel):
 
 
 def gil_bound_cell(seconds: float) -> str:
-    "Code that holds the GIL in one C call for about this long."
-    n = 10**7
-    start = time.perf_counter()
-    sum(range(n))
-    return f"sum(range({int(n * seconds / (time.perf_counter() - start))}))"
+    "Code that holds the GIL in one C call for about this long, or longer."
+    n, took = 10**7, []
+    for _ in range(3):  # the quickest of three: a slow one (a loaded moment) would make it short
+        start = time.perf_counter()
+        sum(range(n))
+        took.append(time.perf_counter() - start)
+    return f"sum(range({int(n * seconds / min(took))}))"
 
 
 def test_heartbeat_answers_while_user_code_holds_the_gil(fresh_kernel):
     km, kc = fresh_kernel
     hb_addr = f"tcp://127.0.0.1:{km.get_connection_info()['hb_port']}"
     ctx = zmq.Context()
-    kc.execute(gil_bound_cell(3))
+    kc.execute(gil_bound_cell(4))
     while kc.get_iopub_msg(timeout=TIMEOUT)["msg_type"] != "execute_input":
         pass
     start, pongs = time.monotonic(), 0
@@ -952,18 +967,19 @@ def test_heartbeat_answers_while_user_code_holds_the_gil(fresh_kernel):
         time.sleep(0.2)
     ctx.destroy()
     assert pongs >= 5
+    assert not kc.shell_channel.msg_ready()  # the cell still runs: the pings were during it
     assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
 
 
 def test_control_answers_while_shell_is_busy(fresh_kernel):
     _, kc = fresh_kernel
-    kc.execute("import time; time.sleep(3)")
+    kc.execute("import time; time.sleep(10)")
     time.sleep(0.3)
     start = time.monotonic()
     kc.control_channel.send(kc.session.msg("kernel_info_request"))
     reply = kc.control_channel.get_msg(timeout=TIMEOUT)
     assert reply["msg_type"] == "kernel_info_reply"
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 5  # not behind the 10 s cell
 
 
 def test_shutdown_and_restart(fresh_kernel):
@@ -981,8 +997,8 @@ def test_shutdown_and_restart(fresh_kernel):
     assert reply["content"] == {"status": "ok", "restart": True}
     process = km.provisioner.process
     start = time.monotonic()
-    process.wait(timeout=5)
-    assert time.monotonic() - start < 1
+    process.wait(timeout=TIMEOUT)
+    assert time.monotonic() - start < 3  # promptly: it exits by itself, well before the wait ends
 
 
 def test_shutdown_during_a_running_cell_exits_within_2s(fresh_kernel):
@@ -1076,20 +1092,27 @@ def test_console_magic_prints_the_command_when_there_is_no_window(kernel):
 
 def test_console_magic_opens_a_tmux_window(kernel, tmp_path):
     if not shutil.which("tmux"):
-        pytest.skip("tmux is not installed")
+        reason = "tmux is not installed (apt-get install tmux)"
+        if os.environ.get("MINIKERNEL_REQUIRE_TMUX") == "1":  # as in CI: no passing by skipping
+            pytest.fail(reason)
+        pytest.skip(reason)
     km, kc = kernel
     sock = str(tmp_path / "tmux.sock")
-    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-s", "t", "sleep 60"], check=True)
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-s", "t", "sleep 60"], check=True,
+                   timeout=TIMEOUT)
+
+    def windows() -> str:
+        return subprocess.run(["tmux", "-S", sock, "list-windows", "-F", "#{pane_start_command}"],
+                              capture_output=True, text=True, timeout=TIMEOUT).stdout
     try:
         reply, outputs = run(kc, f"import os; os.environ['TMUX'] = '{sock},1,0'\n%console")
         assert reply["status"] == "ok"
         assert "tmux window" in text(outputs)
-        windows = subprocess.run(
-            ["tmux", "-S", sock, "list-windows", "-F", "#{pane_start_command}"],
-            capture_output=True, text=True).stdout
-        assert f"--existing {km.connection_file}" in windows
+        # %console starts `tmux new-window` without waiting for it: the window comes a bit later.
+        assert wait_for(lambda: f"--existing {km.connection_file}" in windows(), interval=0.2), \
+            windows()
     finally:
-        subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True, timeout=TIMEOUT)
         run(kc, "import os; os.environ.pop('TMUX', None)")
 
 
@@ -1766,8 +1789,9 @@ def test_a_shutdown_during_a_flush_still_sends_what_was_written(tmp_path):
             started(c, msg_id, text=" ")
             time.sleep(0.02 * trial)
             c.send(c.control, "shutdown_request", {"restart": False})
-            msgs = []
+            msgs, deadline = [], time.monotonic() + TIMEOUT
             while k.proc.poll() is None or c.iopub.poll(500):
+                assert time.monotonic() < deadline, f"trial {trial}: the kernel never exited"
                 if c.iopub.poll(50):
                     msgs.append(checked(c.session, c.iopub.recv_multipart()))
             assert k.proc.wait(timeout=5) == 0
@@ -1908,7 +1932,7 @@ def test_no_arguments_writes_a_private_connection_file_and_removes_it(tmp_path):
     proc = subprocess.Popen([sys.executable, KERNEL], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        banner = "".join(proc.stdout.readline() for _ in range(6))
+        banner = "".join(readline(proc.stdout) for _ in range(6))
         [path] = runtime.glob("kernel-*.json")
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         assert oct(runtime.stat().st_mode & 0o777) == "0o700"
@@ -1935,7 +1959,7 @@ def test_f_with_a_missing_file_writes_it_there(tmp_path):
     proc = subprocess.Popen([sys.executable, KERNEL, "-f", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert str(path) in "".join(proc.stdout.readline() for _ in range(6))
+        assert str(path) in "".join(readline(proc.stdout) for _ in range(6))
         raw = Raw(connection(str(path)))
         assert wait_ready(raw, proc)["content"]["implementation"] == "minikernel"
         raw.close()
@@ -1976,7 +2000,7 @@ def test_non_loopback_ip_warns(tmp_path):
     proc = subprocess.Popen([sys.executable, KERNEL, "-f", str(path), "--ip", "0.0.0.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        warning = proc.stderr.readline()
+        warning = readline(proc.stderr)
         assert "0.0.0.0" in warning and "not loopback" in warning
     finally:
         stop(proc)
@@ -2008,7 +2032,7 @@ def test_kernel_exits_when_its_launcher_dies(tmp_path, stderr):
          f"                      stdout=subprocess.DEVNULL, stderr=subprocess.{stderr})\n"
          "print(p.pid, flush=True)\n"
          "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    pid = int(launcher.stdout.readline())
+    pid = int(readline(launcher.stdout))
     deadline = time.monotonic() + TIMEOUT
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -2181,6 +2205,9 @@ def test_an_indented_cells_traceback_points_at_what_failed(kernel):
     reply, _ = run(kc, "    x = 1\n    print(x / 0)")
     frame = next(f for f in reply["traceback"] if "print(x / 0)" in f).splitlines()
     at = next(n for n, line in enumerate(frame) if "print(x / 0)" in line)
+    # Every version: the frame names the cell and the failing line, then shows that line.
+    assert re.fullmatch(r"  Cell In\[\d+\], line 2, in <module>", frame[at - 1]), frame
+    assert frame[at].strip() == "print(x / 0)", frame
     if sys.version_info >= (3, 11):
         marks = frame[at + 1]  # ~~^~~ under x / 0, the operator marked
         start = len(marks) - len(marks.lstrip())
@@ -2313,14 +2340,24 @@ def test_a_print_then_a_write_to_fd_1_at_a_cells_end_arrive_in_that_order(kernel
 
 def test_what_a_silent_cell_writes_to_fd_1_is_not_broadcast(kernel):
     _, kc = kernel
-    msg_id = kc.execute("import os; os.write(1, b'from a silent cell\\n')", silent=True)
-    while kc.get_shell_msg(timeout=TIMEOUT)["parent_header"]["msg_id"] != msg_id:
-        pass  # (wait_for_ready's kernel_info_reply, when this test is the module's first)
-    seen = []
-    while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get("execution_state") != "idle" \
-            or msg["parent_header"]["msg_id"] != msg_id:
-        seen.append(msg["content"].get("text", ""))
-    assert "from a silent cell\n" not in seen  # (other tests' threads may print in this kernel)
+
+    def streams_up_to_idle(code, **kw) -> str:
+        "Run code; the text of every stream, whatever its parent, up to that cell's idle."
+        msg_id = kc.execute(code, **kw)
+        while kc.get_shell_msg(timeout=TIMEOUT)["parent_header"]["msg_id"] != msg_id:
+            pass  # (wait_for_ready's kernel_info_reply, when this test is the module's first)
+        seen = []
+        while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["content"].get(
+                "execution_state") != "idle" or msg["parent_header"]["msg_id"] != msg_id:
+            if msg["msg_type"] == "stream":
+                seen.append(msg["content"]["text"])
+        return "".join(seen)  # joined: the text may come in pieces
+
+    assert "from a silent cell" not in streams_up_to_idle(
+        "import os; os.write(1, b'from a silent cell\\n')", silent=True)
+    # Nor later: text held back, then sent after the silent cell's idle, shows up by this one's.
+    after = streams_up_to_idle("import time; time.sleep(0.5); print('after')")
+    assert "after" in after and "from a silent cell" not in after
 
 
 def test_the_kernels_log_reaches_its_terminal_and_never_the_frontends(raw_kernel):
@@ -2481,7 +2518,7 @@ def test_output_of_a_child_that_outlives_its_cell_goes_to_the_running_cell(kerne
 
 
 @pytest.mark.timeout(60)
-def test_an_interrupt_stops_a_flood_from_a_child_within_1s(hard_kernel):
+def test_an_interrupt_stops_a_flood_from_a_child_within_5s(hard_kernel):
     c = Client(hard_kernel.conn)
     try:
         c.wait_ready(hard_kernel)
@@ -2491,11 +2528,11 @@ def test_an_interrupt_stops_a_flood_from_a_child_within_1s(hard_kernel):
         time.sleep(1)
         start = time.monotonic()
         c.send(c.control, "interrupt_request")
-        reply = c.reply(c.shell, msg_id, timeout=5)
+        reply = c.reply(c.shell, msg_id, timeout=TIMEOUT)  # without the interrupt: never
         latency = time.monotonic() - start
         stop_drain()
         assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert latency < 1
+        assert latency < 5
         reply, outputs = c.execute("import time; time.sleep(1)")  # the flood is over
         assert reply["status"] == "ok" and [t for t, _ in outputs if t == "stream"] == []
         assert_serving(hard_kernel, c)
@@ -2612,6 +2649,8 @@ def test_an_interrupt_at_the_pdb_prompt_ends_the_cell(fresh_kernel, code):
 
 def test_completion_after_import_and_from_offers_module_names_without_importing(kernel):
     _, kc = kernel
+    xml_modules = "import sys\nsorted(m for m in sys.modules if m.startswith('xml'))"
+    before = results(run(kc, xml_modules)[1])  # an earlier test's cell may have imported some
 
     def complete(code):
         content = kc.complete(code, reply=True, timeout=TIMEOUT)["content"]
@@ -2624,8 +2663,7 @@ def test_completion_after_import_and_from_offers_module_names_without_importing(
     assert complete("import xml.etree.Element") == (["ElementInclude", "ElementPath",
                                                      "ElementTree"], len("import xml.etree."))
     assert complete("import json.no_such_") == ([], len("import json."))
-    reply, outputs = run(kc, "import sys\n[m for m in sys.modules if m.startswith('xml')]")
-    assert results(outputs) == ["[]"]
+    assert results(run(kc, xml_modules)[1]) == before  # completing imported nothing
 
 
 ################ jupyter console, the reference terminal frontend, driving minikernel
@@ -2633,8 +2671,9 @@ def test_completion_after_import_and_from_offers_module_names_without_importing(
 
 def jupyter_console(*args):
     "jupyter console under a pty, with the simple prompt pexpect can read."
+    env = {**os.environ, "TERM": "dumb", "JUPYTER_CONFIG_DIR": os.path.join(JUPYTER_HOME, "cfg")}
     console = pexpect.spawn(sys.executable, ["-m", "jupyter_console", "--simple-prompt", *args],
-                            encoding="utf-8", timeout=TIMEOUT, env={**os.environ, "TERM": "dumb"})
+                            encoding="utf-8", timeout=TIMEOUT, env=env)  # no ~/.jupyter config
     console.expect(r"In \[1\]: ")
     return console
 
@@ -2698,13 +2737,9 @@ def test_jupyter_server_runs_minikernel_over_its_websocket(tmp_path):
 
     from tornado.websocket import websocket_connect
 
-    port, token = free_port(), uuid.uuid4().hex
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", f"--port={port}", "--no-browser",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
-         "--allow-root"],  # CI runs as root
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"token {token}"}
+    token, log_path = uuid.uuid4().hex, tmp_path / "server.log"
+    auth = {"Authorization": f"token {token}"}
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}  # no ~/.jupyter config
 
     def api(method, path, body=None):
         request = urllib.request.Request(base + path, method=method, headers=auth,
@@ -2737,15 +2772,30 @@ def test_jupyter_server_runs_minikernel_over_its_websocket(tmp_path):
         ws.close()
         return seen
 
-    try:
-        deadline = time.monotonic() + 30
-        while True:
+    deadline = time.monotonic() + 60
+    while True:  # as the lab fixture does: if another process took the port first, another one
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "jupyter_server", f"--port={port}", "--no-browser",
+                 "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+                 f"--ServerApp.root_dir={tmp_path}", "--allow-root"],  # CI runs as root
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        while server.poll() is None and time.monotonic() < deadline:
             try:
                 api("GET", "/api/status")
                 break
-            except OSError:
-                assert time.monotonic() < deadline, "jupyter_server did not start"
+            except (OSError, http.client.HTTPException):  # not up yet, or not our server
                 time.sleep(0.2)
+        else:
+            server.kill()
+            server.wait()
+            if time.monotonic() < deadline and "already in use" in log_path.read_text():
+                continue
+            pytest.fail(f"jupyter_server did not start: {log_path.read_text()}")
+        break
+    try:
         assert "minikernel" in api("GET", "/api/kernelspecs")["kernelspecs"]
         kernel_id = api("POST", "/api/kernels", {"name": "minikernel"})["id"]
         seen = asyncio.run(execute(kernel_id, "print('from the server'); 6 * 7"))
@@ -3094,7 +3144,13 @@ class TestJupyterLab:
         nb.shot("slider")
         drag(nb, handle, 60)
         nb.wait(lambda d: readout.text != "20", "the readout change")
-        nb.run(1)
+
+        # ipywidgets throttles a drag's updates to the kernel: the last may come after cell 1
+        # ran, so cell 1 runs again until it prints what the readout shows.
+        def printed(d) -> bool:
+            nb.run(1)
+            return nb.output(1, "value ").split()[1] == readout.text
+        nb.wait(printed, "cell 1 print the value the readout shows")
         value = nb.output(1, "value ").split()[1]
         assert readout.text == value != "20"  # the kernel has the value the page shows
         assert nb.output(1).endswith(f"{value}]")  # and the observe callback saw it last
@@ -3306,22 +3362,26 @@ def test_ctrl_c_while_the_console_starts_its_kernel_stops_that_kernel(env, tmp_p
         "open(sys.argv[sys.argv.index('-f') + 1], 'w').write('{')  # half written, for ever\n"
         "open(os.environ['FAKE_PID'], 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n")
-    pid_file = tmp_path / "pid"
+    pid_file, runtime = tmp_path / "pid", tmp_path / "runtime"  # its own: no one else's files
+    runtime.mkdir()
     console = subprocess.Popen([sys.executable, str(tmp_path / "miniconsole.py")],
-                               env={**env, "FAKE_PID": str(pid_file)}, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env={**env, "FAKE_PID": str(pid_file),
+                                    "JUPYTER_RUNTIME_DIR": str(runtime)},
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not pid_file.exists() or not pid_file.read_text():
             assert time.monotonic() < deadline, "the fake kernel never started"
             time.sleep(0.05)
         time.sleep(0.3)
+        assert os.listdir(runtime)  # the half-written connection file, there to be removed
         console.send_signal(signal.SIGINT)
         out, err = console.communicate(timeout=15)
         assert (console.returncode, "Traceback" in err) == (130, False), err
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
-        assert os.listdir(env["JUPYTER_RUNTIME_DIR"]) == []
+        assert os.listdir(runtime) == []
     finally:
         if console.poll() is None:
             console.kill()
@@ -3499,9 +3559,9 @@ def test_other_frontend_output_shown_at_prompt(any_kernel, env):
     other = other_frontend(any_kernel.path)
     try:
         other.execute("print('from elsewhere')")
-        child.expect(r"\[other frontend\] In \[(\d+)\]: print\('from elsewhere'\)", timeout=5)
+        child.expect(r"\[other frontend\] In \[(\d+)\]: print\('from elsewhere'\)")
         theirs = int(child.match.group(1))
-        child.expect_exact("[other frontend] from elsewhere", timeout=5)
+        child.expect_exact("[other frontend] from elsewhere")
         child.expect_exact(f"In [{theirs + 1}]: y = 12")  # renumbered, half-typed line kept
     finally:
         other.stop_channels()
@@ -3519,8 +3579,8 @@ def test_a_half_typed_line_erased_after_a_renumber_stays_gone(any_kernel, env):
     other = other_frontend(any_kernel.path)
     try:
         other.execute("elsewhere = 1")
-        child.expect_exact("[other frontend] In [", timeout=5)
-        child.expect_exact("]: pri", timeout=5)  # renumbered, half-typed line kept
+        child.expect_exact("[other frontend] In [")
+        child.expect_exact("]: pri")  # renumbered, half-typed line kept
     finally:
         other.stop_channels()
     child.send("\x15")  # Ctrl-U: readline erases the line
@@ -3600,7 +3660,7 @@ def test_ctrl_c_right_after_enter_never_leaves_the_console_deaf(any_kernel, env)
         time.sleep(0.1)
         child.send("pass\r")
         child.sendintr()  # at once: the flush would take "pass" between select and read
-        child.expect(PROMPT, timeout=5)
+        child.expect(PROMPT, timeout=TIMEOUT)
         time.sleep(0.2)
         while child.expect([PROMPT, pexpect.TIMEOUT], timeout=0.3) == 0:
             pass  # a second prompt, if the Enter won the race and the cell ran
@@ -3634,12 +3694,12 @@ def test_leaving_keeps_shared_kernel(any_kernel, env, how):
 
 
 def test_kernel_killed(any_own_kernel, env):
-    "SIGKILL: the console says so in one line within 3 s, and exits non-zero."
+    "SIGKILL: the console says so in one line within 6 s, and exits non-zero."
     child = spawn_console(env, "--existing", any_own_kernel.path)
     killed = time.monotonic()
     os.kill(any_own_kernel.proc.pid, signal.SIGKILL)
-    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=10)
-    assert time.monotonic() - killed < 3.0
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=TIMEOUT)
+    assert time.monotonic() - killed < 6.0  # 1.5 s of heartbeat silence, then a loaded margin
     assert child.before.strip() == ""  # that one line, and nothing else
     child.expect(pexpect.EOF)
     assert child.before == ""
@@ -3651,7 +3711,7 @@ def test_kernel_dies_during_cell(any_own_kernel, env):
     "A cell that kills its kernel: no reply will come, and the console does not wait for one."
     child = spawn_console(env, "--existing", any_own_kernel.path)
     child.sendline("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
-    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=5)
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=TIMEOUT)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == miniconsole.KERNEL_DIED
@@ -3756,7 +3816,7 @@ def test_ctrl_c_between_piped_cells_adds_nothing_to_the_output(any_kernel, env):
     try:
         proc.stdin.write("print(1)\n")
         proc.stdin.flush()
-        assert proc.stdout.readline() == "1\n"
+        assert readline(proc.stdout) == "1\n"
         time.sleep(1)  # the cell's idle is in: the console waits for the next line. Ctrl-C now
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -3807,14 +3867,14 @@ def test_a_stopped_attached_kernel_is_a_stall_not_a_death(any_own_kernel, env):
     assert leave(child) == 0
 
 
-def test_a_stopped_kernel_that_is_then_killed_is_reported_dead_within_3s(any_own_kernel, env):
+def test_a_stopped_kernel_that_is_then_killed_is_reported_dead_within_6s(any_own_kernel, env):
     child = spawn_console(env, "--existing", any_own_kernel.path)
     os.kill(any_own_kernel.proc.pid, signal.SIGSTOP)
     child.expect(STALL, timeout=10)
     killed = time.monotonic()
     os.kill(any_own_kernel.proc.pid, signal.SIGKILL)
-    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=10)
-    assert time.monotonic() - killed < 3.0
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=TIMEOUT)
+    assert time.monotonic() - killed < 6.0  # as for a running kernel: 1.5 s, then a margin
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == miniconsole.KERNEL_DIED
@@ -3839,7 +3899,7 @@ def test_a_stopped_kernel_the_console_started_is_waited_for(own_console, env):
     child.expect("after kept")
     child.expect(PROMPT)
     kernel_proc.kill()
-    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=5)
+    child.expect(r"miniconsole: the kernel died[^\r\n]*\r\n", timeout=TIMEOUT)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == miniconsole.KERNEL_DIED
@@ -5413,29 +5473,31 @@ def test_deeply_nested_json_is_refused_not_fatal(hard_kernel, channel):
                                              b"{}", b'{"deep": ' + deep + b"}", raw=True))
             time.sleep(0.05)
             assert hard_kernel.alive(), f"depth {depth}: {hard_kernel.log()[-300:]}"
-            assert c.request("kernel_info_request", sock=c.control, timeout=3), depth
-            assert c.request("kernel_info_request", timeout=3), depth
+            assert c.request("kernel_info_request", sock=c.control), depth
+            assert c.request("kernel_info_request"), depth
     finally:
         attacker.close()
         c.close()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("msg_type", ["complete_request", "inspect_request"])
 def test_completion_on_a_long_line_is_fast(hard_kernel, msg_type):
     c = Client(hard_kernel.conn)
     try:
         c.wait_ready(hard_kernel)
-        code = "a" * 30000 + "("
+        # Not a timing of the kernel, a check of its growth: a regex that searched this line
+        # forwards (quadratic) takes over 30 s here, reading it backwards (linear) milliseconds.
+        code = "a" * 100_000 + "("
         msg_id = c.send(c.shell, msg_type, {"code": code, "cursor_pos": len(code)})
         time.sleep(0.1)
         start = time.monotonic()
         c.request("kernel_info_request", sock=c.control, timeout=10)
         control = time.monotonic() - start
-        reply = c.reply(c.shell, msg_id, timeout=20)
+        reply = c.reply(c.shell, msg_id, timeout=40)
         total = time.monotonic() - start
         assert reply["content"]["status"] == "ok"
-        assert control < 1 and total < 1, f"control in {control:.1f} s, reply in {total:.1f} s"
+        assert control < 5 and total < 5, f"control in {control:.1f} s, reply in {total:.1f} s"
     finally:
         c.close()
 
@@ -5523,6 +5585,15 @@ def test_the_kernels_own_messages_reflected_back_are_not_acted_upon(hard_kernel,
         for frames in captured:
             for sock in socks.values():
                 sock.send_multipart(frames)
+
+        # Before the checks, every reflected message is read and ignored on shell and control,
+        # each logging one line: an unknown type, a replay, or (shell) comm_close's unknown comm.
+        def ignored() -> tuple:
+            log = hard_kernel.log()
+            return (log.count("] shell: ") + log.count("] comm_close for unknown comm_id"),
+                    log.count("] control: "))
+        assert wait_for(lambda: ignored() == (len(captured),) * 2), (len(captured), ignored(),
+                                                                     hard_kernel.log())
         reply, _ = c.execute("input()", answers=["typed"])  # stdin is read now
         assert reply["status"] == "ok"
         assert_serving(hard_kernel, c)
@@ -5777,10 +5848,11 @@ def test_kill_9_of_a_client_leaves_the_kernel_and_other_clients_serving(hard_ker
                                   ready], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
             try:
-                assert a.stdout.readline().strip() == "READY", a.stderr.read()
+                line = readline(a.stdout, timeout=30)
             finally:
                 a.kill()  # SIGKILL
                 a.wait()
+            assert line.strip() == "READY", a.stderr.read()  # killed: its stderr ends at once
             time.sleep(0.3)
             assert hard_kernel.alive() and ping(hard_kernel.conn)
             assert b.request("interrupt_request", sock=b.control)["content"]["status"] == "ok"
@@ -5834,8 +5906,8 @@ def test_interrupt_in_a_finally_block(hard_kernel):
         started(c, msg_id, "cleanup")  # the first interrupt ran the finally block
         start = time.monotonic()
         c.request("interrupt_request", sock=c.control)  # the second lands inside it
-        reply = c.reply(c.shell, msg_id, timeout=5)
-        assert time.monotonic() - start < 2
+        reply = c.reply(c.shell, msg_id, timeout=TIMEOUT)
+        assert time.monotonic() - start < 5  # not the finally block's 30 s sleep
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert_serving(hard_kernel, c)
     finally:
@@ -6258,10 +6330,11 @@ def test_a_frontend_that_never_reads_is_passed_over_and_the_others_get_everythin
 
 @pytest.mark.timeout(60)
 def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
-    """`while True: print('x' * 1000)` for FLOOD_SECONDS: control answers kernel_info within 1 s
+    """`while True: print('x' * 1000)` for FLOOD_SECONDS: control answers kernel_info at once
     throughout (but once, behind the kernel's wait for the frontend that never reads), interrupt
-    stops it within 1 s, and RSS stays bounded. One frontend keeps up with iopub; a second is
-    subscribed and never reads (the worst case for the kernel's queues)."""
+    stops it at once (within 3 s, for a loaded machine), and RSS stays bounded. One frontend
+    keeps up with iopub; a second is subscribed and never reads (the worst case for the
+    kernel's queues)."""
     c = Client(hard_kernel.conn)
     ctx = zmq.Context()
     try:
@@ -6286,7 +6359,7 @@ def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
             time.sleep(0.2)
         start = time.monotonic()
         c.send(c.control, "interrupt_request")
-        reply = c.reply(c.shell, msg_id, timeout=5)
+        reply = c.reply(c.shell, msg_id, timeout=TIMEOUT)
         interrupt_latency = time.monotonic() - start
         samples = stop_rss()
         count = stop_drain()
@@ -6299,10 +6372,11 @@ def test_print_flood_control_answers_and_memory_stays_bounded(hard_kernel):
                f"peak {peak / MB:.0f} MB, per second {per_second} MB; control kernel_info "
                f"latency max {max(latencies) * 1000:.0f} ms over {len(latencies)}; interrupt "
                f"latency {interrupt_latency * 1000:.0f} ms")
-        waited = [t for t in latencies if t >= 1]  # behind iopub, waiting for the lazy one
+        # Behind iopub, waiting for the lazy one: SEND_PATIENCE (5 s), where others take ms.
+        waited = [t for t in latencies if t >= minikernel.SEND_PATIENCE / 2]
         assert len(waited) <= 1  # once its queue is passed over, it is not waited for again
-        assert max(latencies) < 1 + minikernel.SEND_PATIENCE
-        assert interrupt_latency < 1
+        assert max(latencies) < 2 + minikernel.SEND_PATIENCE
+        assert interrupt_latency < 3  # not behind a SEND_PATIENCE wait
         assert peak - base < 200 * MB  # bound: the lazy subscriber's HWM queue (1000 messages)
         last = [r for t, r in samples if t > FLOOD_SECONDS / 2]
         assert max(last) - min(last) < 100 * MB  # flat, not growing
@@ -6727,6 +6801,8 @@ def test_ci_runs_the_readme_test_command():
     assert run_tests in ci.splitlines()
     assert "apt-get install" in ci and "chromium-driver" in ci  # CI has a browser to drive,
     assert "MINIKERNEL_REQUIRE_BROWSER=1" in ci  # and cannot pass by skipping the browser tests
+    assert "tmux" in ci.split("apt-get install", 1)[1].splitlines()[0]  # nor the tmux test
+    assert "MINIKERNEL_REQUIRE_TMUX=1" in ci
 
 
 if __name__ == "__main__":
