@@ -123,7 +123,9 @@ kernel = {
     "terminal": sys.__stderr__,  # where log() writes: the stderr the kernel was started with
     "loop": None,  # the event loop that cells with a top-level await run on (see event_loop)
     "exit_code": 0,  # the process's, once serve() is done
-    "forked": False,  # this process is a forked child of the kernel (see Output below Python)
+    # In a forked child of the kernel: its own files on fds 1 and 2, by stream name (see
+    # Output below Python).
+    "forked": {},
 }
 user = types.ModuleType("__main__")  # the user's namespace: a fresh __main__, as at a Python prompt
 me = sys.modules[__name__]  # this module; serve() also makes it sys.modules["minikernel"]
@@ -478,11 +480,6 @@ def flush_output():
     read_fds()  # the prints, then what C code or a subprocess wrote before now, go out now too
     if not output["runs"]:  # shaped for speed: most flushes (one before each message) find
         return  # nothing, and outside a send the queue is empty too (see send_iopub)
-    if kernel["forked"]:  # in a forked child, whose fds 1 and 2 the kernel reads
-        runs, output["runs"], output["size"] = output["runs"], [], 0
-        for name, texts in runs:
-            os.write(1 if name == "stdout" else 2, "".join(texts).encode(errors="replace"))
-        return
     with sending():
         runs, output["runs"], output["size"] = output["runs"], [], 0
         for name, texts in runs:
@@ -601,6 +598,8 @@ class Stream(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if hushed():
             return len(text)
+        if kernel["forked"]:  # a child's write to the Stream it inherited (a logging handler's)
+            return kernel["forked"][self.name].write(text)  # goes to its fd, which we read
         # Shaped for speed: a print loop writes hundreds of thousands of times, and taking the
         # lock to sort each write into its run was a third of the kernel's work for it. One
         # append to a deque is atomic, so a write takes the lock only once in 1,000 writes, or
@@ -615,6 +614,8 @@ class Stream(io.TextIOBase):
         return len(text)
 
     def flush(self):
+        if kernel["forked"]:
+            kernel["forked"][self.name].flush()
         with iopub_lock:
             flush_output()
 
@@ -2063,15 +2064,15 @@ def in_forked_child():
     # Nor are the pipes' read ends: a child that read them would take what its siblings wrote.
     global iopub_lock
     iopub_lock = threading.RLock()
-    kernel["forked"] = True  # a Stream it inherited (a logging handler's) writes to its fd too
     for read_end, _, _ in pipes:
         waiting.unregister(read_end)
         os.close(read_end)
     pipes.clear()
     output["writes"].clear()  # the kernel's text, which the kernel publishes
     output["runs"], output["size"] = [], 0
-    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", closefd=False)
+    kernel["forked"] = {name: os.fdopen(fd, "w", buffering=1, encoding="utf-8", closefd=False)
+                        for fd, name in ((1, "stdout"), (2, "stderr"))}
+    sys.stdout, sys.stderr = kernel["forked"]["stdout"], kernel["forked"]["stderr"]
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
