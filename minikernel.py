@@ -754,6 +754,8 @@ def execute_request(msg: dict) -> dict:
     kernel["payload"], kernel["silent"] = [], silent
     try:
         error, result = run_cell(code, f"<Cell In[{n}]>", silent)  # <...>: a source, no file
+        # Then the frontend's own expressions, hushed as its cell was (their reprs may fail).
+        values = {} if error else {k: user_expression(v) for k, v in expressions.items()}
     finally:
         with iopub_lock:
             read_fds()  # while still silent: what it wrote to fds 1 and 2 is dropped too
@@ -768,8 +770,7 @@ def execute_request(msg: dict) -> dict:
         if c.get("stop_on_error", True) and not silent:
             kernel["queued"] = drain(kernel["sockets"]["shell"])
         return execute_reply("error", kernel["payload"], **error)
-    return execute_reply("ok", kernel["payload"],
-                         {k: user_expression(v) for k, v in expressions.items()})
+    return execute_reply("ok", kernel["payload"], values)
 
 
 def execute_reply(status: str, payload: Sequence = (), expressions: Optional[dict] = None,
@@ -1549,8 +1550,8 @@ def mimebundle(obj) -> tuple[dict, dict]:
 
 def repr_failed(obj, method: str, e: Exception):
     "A repr method of the object's class that raised: its error is an output, as in IPython."
-    if hasattr(type(obj), method) and not isinstance(e, NotImplementedError):  # that declines
-        publish("error", error_content(e), kernel["cell"])
+    if hasattr(type(obj), method) and not isinstance(e, NotImplementedError) and not hushed():
+        publish("error", error_content(e), kernel["cell"])  # (NotImplementedError: it declined)
 
 
 def fit(mime: str, value):

@@ -1730,6 +1730,22 @@ def test_a_rich_repr_that_fails_says_so_and_the_text_still_shows(kernel):
         ("KeyError", "KeyError: 'bundle'")]
     assert results(outputs) == ["Broken()"]
 
+    def errors(**request) -> list:  # every error on iopub, whatever its parent, up to idle
+        msg_id = kc.execute(**request)
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+        seen = []
+        while (msg := kc.get_iopub_msg(timeout=TIMEOUT))["parent_header"].get(
+                "msg_id") != msg_id or msg["content"].get("execution_state") != "idle":
+            seen += [msg["content"]["ename"]] if msg["msg_type"] == "error" else []
+        return reply["content"], seen
+
+    assert errors(code="display(Broken())", silent=True)[1] == []  # silent: its code says nothing
+    reply, seen = errors(code="pass", silent=True, user_expressions={"b": "Broken()"})
+    assert seen == [] and reply["user_expressions"]["b"]["data"] == {"text/plain": "Broken()"}
+    run(kc, "class Proxy:\n    def __getattr__(self, name): raise RuntimeError(name)\n"
+            "    def __repr__(self): return 'Proxy()'")
+    assert errors(code="Proxy()")[1] == []  # no repr methods of its own, only __getattr__
+
 
 @pytest.mark.timeout(60)
 def test_display_id_true_makes_a_fresh_id_and_update_needs_one(hard_kernel):
