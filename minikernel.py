@@ -1396,8 +1396,8 @@ CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: code with a top-level await, compil
 
 def run_code(codes: list):
     "Run a cell's statements, then its last expression, in the user's namespace: its value."
-    if kernel["loop"]:  # the main thread's again, after an asyncio.run() that unset it
-        event_loop()
+    if "asyncio" in sys.modules:  # the kernel's loop is the main thread's in every cell (an
+        event_loop()  # asyncio.run() unsets it; a thread may have been the first to import it)
     if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: the whole
         return run_on_loop(run_async(codes))  # cell runs on the event loop
     for code in codes:
@@ -1425,7 +1425,7 @@ def event_loop():
 
 
 def hook_asyncio(asyncio):
-    "asyncio, once imported: the kernel's loop is the main thread's from the first cell on."
+    "asyncio, imported by a cell: the kernel's loop is the main thread's at once, for its tasks."
     if threading.current_thread() is threading.main_thread():  # (set_event_loop is per thread)
         event_loop()
 
@@ -1920,7 +1920,10 @@ class HookOnImport:
 
         def exec_module(module):
             load(module)
-            HOOKS[name](module)
+            try:
+                HOOKS[name](module)
+            except Exception as e:  # a module of the user's by that name: it imports as it is
+                log(f"not hooked: {name} ({module.__file__}): {type(e).__name__}: {e}")
 
         spec.loader.exec_module = exec_module  # this spec's own loader, made for this import
         return spec

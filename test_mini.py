@@ -2603,8 +2603,11 @@ def test_top_level_await_async_for_and_async_with_run_on_one_loop(kernel):
     assert "Cell In[" in reply["traceback"][1] and "asyncio" not in "".join(reply["traceback"])
 
 
-@pytest.mark.parametrize("first", ["import asyncio", "import asyncio\nawait asyncio.sleep(0)",
-                                   "import asyncio\nasyncio.run(asyncio.sleep(0))"])
+@pytest.mark.parametrize("first", [
+    "import asyncio", "import asyncio\nawait asyncio.sleep(0)",
+    "import asyncio\nasyncio.run(asyncio.sleep(0))",
+    "import threading\nthreading.Thread(target=__import__, args=('asyncio',)).start()\n"
+    "import time\ntime.sleep(0.5)\nimport asyncio"])  # imported by a thread first
 def test_a_task_made_in_a_cell_that_does_not_await_runs_when_a_later_one_does(fresh_kernel,
                                                                                first):
     "ensure_future and get_event_loop() find the kernel's loop, whatever came before."
@@ -2617,6 +2620,16 @@ def test_a_task_made_in_a_cell_that_does_not_await_runs_when_a_later_one_does(fr
     reply, outputs = run(kc, "await task, await other")
     assert reply["status"] == "ok", reply
     assert results(outputs) == ["(1, 2)"]
+
+
+def test_a_module_of_the_users_named_like_a_hooked_one_still_imports(fresh_kernel, tmp_path):
+    "./matplotlib.py of the user's own has no use(): the kernel's hook leaves it as it is."
+    _, kc = fresh_kernel
+    (tmp_path / "matplotlib.py").write_text("mine = True\n")
+    reply, outputs = run(kc, f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+                             "import matplotlib\nmatplotlib.mine")
+    assert reply["status"] == "ok", reply
+    assert results(outputs) == ["True"]
 
 
 def test_an_interrupt_during_await_cancels_the_task_and_the_next_cell_runs(fresh_kernel):
