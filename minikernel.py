@@ -103,7 +103,7 @@ kernel = {
     "cell": {},
     "silent": False,  # a silent execute_request runs: its output is dropped (see hushed)
     "execution_count": 1,  # the N of the next In[N]
-    "result": None,  # the last cell's value, which `_` holds unless the user took `_` for theirs
+    "result": object(),  # the last cell's value (at first, one no cell has); `_` if not the user's
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager, ask_exit)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
@@ -1366,8 +1366,10 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
             value = run_code(codes)
             if value is None or silent or quiet:
                 return None, None
-            if user.__dict__.get("_", kernel["result"]) is kernel["result"]:  # else `_` is the
-                user._ = value  # user's own (gettext's, a loop's), and stays theirs, as in IPython
+            # As in IPython, `_` of the user's own (a loop's, gettext's) stays theirs.
+            theirs = user.__dict__.get("_", kernel["result"]) is not kernel["result"]
+            if not theirs and "_" not in builtins.__dict__:  # (gettext.install() puts it there)
+                user._ = value
             kernel["result"] = value
             data, metadata = mimebundle(value)
             publish("execute_result", {"execution_count": kernel["execution_count"], "data": data,

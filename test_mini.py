@@ -339,6 +339,16 @@ def test_a_users_own_underscore_is_kept_until_deleted(fresh_kernel):
     run(kc, "del _")
     run(kc, "7")
     assert results(run(kc, "_ + 1")[1]) == ["8"]
+    run(kc, "del _\nimport gettext\ngettext.install('none')  # _ in builtins")
+    run(kc, "9")
+    assert results(run(kc, "_('kept')")[1]) == ["'kept'"]
+
+
+def test_underscore_set_to_none_before_any_result_is_kept(fresh_kernel):
+    _, kc = fresh_kernel
+    run(kc, "_ = None")
+    run(kc, "5")
+    assert results(run(kc, "_ is None")[1]) == ["True"]
 
 
 def test_namespace_is_main_and_persists(kernel):
