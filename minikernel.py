@@ -1647,7 +1647,8 @@ def cursor(c: dict) -> int:
 
 IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
 FROM_IMPORT = re.compile(r"\s*from\s+([\w.]+)\s+import\s+[\w\s,(]*")  # from os import pa|
-IN_STRING = re.compile(r"""(['"])([^'"]*)$""")  # the line's last quote, and the text after it
+# A string or a comment, left to right on a line: (prefix, quote, text, closing quote or "").
+LITERAL = re.compile(r"""(\w{0,2})('{3}|"{3}|'|")((?:\\.|(?!\2)[^\\])*)(\2)?|#.*""")
 
 
 def complete_request(msg: dict) -> dict:
@@ -1655,9 +1656,8 @@ def complete_request(msg: dict) -> dict:
     import keyword
     code, pos = msg["content"]["code"], cursor(msg["content"])
     line = code[:pos].rpartition("\n")[2]
-    # Inside a string (an odd number of its quotes on the line, escapes aside): a file's path.
-    if (string := IN_STRING.search(line)) and line.count(string[1]) % 2:
-        return path_reply(string[2], pos)
+    if (text := open_string(line)) is not None:  # open('/tmp/da|: a file's path
+        return path_reply(text, pos)
     base, dot, prefix = word_before(line).rpartition(".")  # "os.pa|": "os", ".", "pa"
     try:
         if IMPORT_LINE.fullmatch(line):
@@ -1678,18 +1678,29 @@ def complete_request(msg: dict) -> dict:
             "cursor_end": pos, "metadata": {}}
 
 
+def open_string(line: str) -> Optional[str]:
+    "The text of the string that the line ends inside, if it does (and not in an f-string's {})."
+    literals = LITERAL.findall(line)  # a comment's groups are all ""
+    prefix, quote, text, closing = literals[-1] if literals else ("", "", "", "")
+    if not quote or closing:  # no string, a comment, or the last string is closed
+        return None
+    if "f" in prefix.lower() and text.count("{") > text.count("}"):  # f"{a.b|: code
+        return None
+    return text
+
+
 def path_reply(text: str, pos: int) -> dict:
     "The files and folders a path could go on with: '/tmp/da' -> data/, dates.csv."
+    # A folder's name ends in "/", so that Tab again goes inside; hidden ones only when asked for.
     folder, slash, start = text.rpartition("/")
     folder = os.path.expanduser(folder + slash) or "."  # "/tmp/", "~/", or the working dir
     try:
-        names = [name for name in os.listdir(folder) if name.startswith(start)
-                 and (start[:1] == "." or name[:1] != ".")]  # hidden ones only when asked for
+        with os.scandir(folder) as entries:  # (it knows which are folders, with no stat each)
+            names = [e.name + "/" if e.is_dir() else e.name for e in entries
+                     if e.name.startswith(start) and (start[:1] == "." or e.name[:1] != ".")]
     except OSError:  # no such folder, or not ours to read
         names = []
-    matches = sorted(name + "/" if os.path.isdir(os.path.join(folder, name)) else name
-                     for name in names)  # a folder's slash: Tab again goes inside
-    return {"status": "ok", "matches": matches, "cursor_start": pos - len(start),
+    return {"status": "ok", "matches": sorted(names), "cursor_start": pos - len(start),
             "cursor_end": pos, "metadata": {}}
 
 

@@ -1168,6 +1168,11 @@ def test_complete_paths_in_strings_and_names_after_from_import(kernel, tmp_path)
     assert complete(f"open('{tmp_path}/.h") == ([".hidden"], 2)
     assert complete(f"open('{tmp_path}/nowhere/x") == ([], 1)
     assert complete("x = 'done' + whi") == (["while"], 3)  # after a closed string: names
+    run(kc, "my_name = 'x'")
+    for code in ("x = \"it's\" + 'a' + my_na", "'a\\'b' + my_na", 'f"{my_na',
+                 "'''a''' + my_na", "'''it's''' + my_na"):
+        assert complete(code) == (["my_name"], 5), code  # their quotes leave no string open
+    assert complete(f'f"{tmp_path}/da') == (["data/", "dates.csv"], 2)  # an f-string's text
     assert "path" in complete("from os import pa")[0]
     assert "pass" not in complete("from os import pa")[0]
     assert complete("from xml import (dom, etr") == (["etree"], 3)  # not imported: its modules
