@@ -1646,7 +1646,7 @@ def cursor(c: dict) -> int:
 
 
 IMPORT_LINE = re.compile(r"\s*(from\s+|import\s+([\w.]+\s*,\s*)*)[\w.]*")  # import a, b.|
-FROM_IMPORT = re.compile(r"\s*from\s+([\w.]+)\s+import\s+[\w\s,(]*")  # from os import pa|
+FROM_IMPORT = re.compile(r"\s*from\s+(\w[\w.]*)\s+import\s+[\w\s,(]*")  # from os import pa|
 # A string or a comment, left to right on a line: (prefix, quote, text, closing quote or "").
 LITERAL = re.compile(r"""(\w{0,2})('{3}|"{3}|'|")((?:\\.|(?!\2)[^\\])*)(\2)?|#.*""")
 
@@ -1662,10 +1662,9 @@ def complete_request(msg: dict) -> dict:
     try:
         if IMPORT_LINE.fullmatch(line):
             names = module_names(base)
-        elif from_import := FROM_IMPORT.fullmatch(line):  # its submodules, and if it is
-            module = from_import[1]  # imported already, its names
-            names = module_names(module) + (dir(sys.modules[module]) if module in sys.modules
-                                            else [])
+        elif from_import := FROM_IMPORT.fullmatch(line):  # from m import: m's submodules,
+            module = sys.modules.get(from_import[1])  # and its names if it is imported
+            names = module_names(from_import[1]) + (dir(module) if module else [])
         elif dot:
             names = interruptible(dir, resolve(base))
         else:
