@@ -1526,8 +1526,10 @@ def mimebundle(obj) -> tuple[dict, dict]:
         return data, metadata
     for method, mime in REPRS.items():
         try:
-            value = getattr(obj, method)()
-        except Exception as e:  # no such repr, or a broken one: text/plain still stands
+            if (value := getattr(obj, method, None)) is None:  # no such repr (quicker than
+                continue  # catching the AttributeError, for a value with none at all)
+            value = value()
+        except Exception as e:  # a broken one: text/plain still stands
             repr_failed(obj, method, e)
             continue
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
