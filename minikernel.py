@@ -103,7 +103,9 @@ kernel = {
     "cell": {},
     "silent": False,  # a silent execute_request runs: its output is dropped (see hushed)
     "execution_count": 1,  # the N of the next In[N]
-    "result": object(),  # the last cell's value (at first, one no cell has); `_` if not the user's
+    # The last cell's value, which `_` follows while `_` is not the user's own (at first, a
+    # placeholder that no cell returns).
+    "result": object(),
     "history": deque(maxlen=CELLS_KEPT),  # [(N, code, text/plain of Out[N] or None)]
     "payload": [],  # execute_reply payloads of the running cell (the pager, ask_exit)
     "running": False,  # user code is running: SIGINT becomes KeyboardInterrupt
@@ -1525,9 +1527,9 @@ def mimebundle(obj) -> tuple[dict, dict]:
     if isinstance(obj, type):  # a class's _repr_html_ is an unbound function, not a repr
         return data, metadata
     for method, mime in REPRS.items():
-        try:
-            if (value := getattr(obj, method, None)) is None:  # no such repr (quicker than
-                continue  # catching the AttributeError, for a value with none at all)
+        try:  # (getattr's default is quicker than a caught AttributeError, for most values)
+            if (value := getattr(obj, method, None)) is None:  # no such repr
+                continue
             value = value()
         except Exception as e:  # a broken one: text/plain still stands
             repr_failed(obj, method, e)
