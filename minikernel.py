@@ -422,19 +422,27 @@ def send_iopub(msg_type: str, content: dict, parent: Optional[dict] = None, topi
             pass  # the queue goes out as the send ends
 
 
-@contextlib.contextmanager
-def sending():
+class sending:
     "A send (lock held): nested sends only queue; at the end the queue goes out, in order."
-    # The flag goes up and down inside uninterrupted(), where no interrupt is raised. Lowered
-    # outside it, an interrupt raised just as the finally began could skip that line, and every
-    # later message would wait in the queue for good (seen on Python 3.10: see Signals).
-    with uninterrupted():
+    # The flag goes up and down inside uninterrupted's bracket, where no interrupt is raised.
+    # Lowered outside it, an interrupt raised just as __exit__ began could skip that line, and
+    # every later message would wait in the queue for good (seen on Python 3.10: see Signals).
+
+    def __enter__(self):
+        self.bracket = uninterrupted()
+        self.bracket.__enter__()
         output["sending"] = True
+
+    def __exit__(self, error, *rest):
         try:
-            yield
-            send_queued()
+            if error is None:
+                send_queued()
+        except BaseException as e:
+            error = e  # on its way out: the bracket's end raises no interrupt over it
+            raise
         finally:
             output["sending"] = False
+            self.bracket.__exit__(error, *rest)
 
 
 def send_queued():
@@ -968,20 +976,23 @@ def interrupt_now():
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def uninterrupted():
+class uninterrupted:
     "In the main thread, an interrupt that comes inside waits until the end."
     # Raised between two frames, it would leave half a message; raised while output taken
-    # from the buffer is being sent, it would drop the rest of it.
-    if threading.current_thread() is not threading.main_thread() or kernel["sending"]:
-        yield  # signals reach the main thread only; or we are inside already
-        return
-    kernel["sending"] = True  # from here on_sigint raises nothing: no try needed before it
-    try:
-        yield
-    finally:
-        kernel["sending"] = False
-    interrupt_now()
+    # from the buffer is being sent, it would drop the rest of it. Shaped for speed: every
+    # message is sent inside one, and a class costs less than half what a @contextmanager does.
+
+    def __enter__(self):
+        # Signals reach the main thread only; inside one already, the outer one raises them.
+        self.outer = not kernel["sending"] and threading.current_thread() is threading.main_thread()
+        if self.outer:
+            kernel["sending"] = True  # from here on_sigint raises nothing
+
+    def __exit__(self, error, *_):
+        if self.outer:
+            kernel["sending"] = False
+            if error is None:  # (one already on its way out goes first)
+                interrupt_now()
 
 
 SNDMORE = int(zmq.SNDMORE)
@@ -1310,6 +1321,8 @@ def rewrite(line: str) -> str:
 def dedent(code: str) -> list:
     "The cell's lines, without the indentation that all of them share (a pasted block)."
     lines = io.StringIO(code).readlines()  # split at \n only, as the tokenizer does
+    if not code[:1].isspace():  # the first line has no indentation: there is no margin
+        return lines
     margin = os.path.commonprefix([line[: len(line) - len(line.lstrip())]
                                    for line in lines if line.strip()])
     return [line[len(margin) :] if line.startswith(margin) else line for line in lines]
@@ -1361,7 +1374,8 @@ def run_cell(code: str, name: str, silent: bool) -> tuple[Optional[dict], Option
         tree = compile(source, name, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a frame
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # changes nothing in code that has no await
-        codes = [compile(tree, name, "exec", flags)]
+        # A cell of one expression (df.head()) has no statements before it to compile.
+        codes = [compile(tree, name, "exec", flags)] if tree.body else []
         if last is not None:
             codes.append(compile(ast.Expression(last.value), name, "eval", flags))
         try:
@@ -1404,6 +1418,7 @@ def run_code(codes: list):
         event_loop()  # asyncio.run() unsets it; a thread may have been the first to import it)
     if any(code.co_flags & CO_COROUTINE for code in codes):  # a top-level await: the whole
         return run_on_loop(run_async(codes))  # cell runs on the event loop
+    value = None  # (a cell of comments only has no code at all)
     for code in codes:
         value = eval(code, user.__dict__)
     return value
@@ -1543,7 +1558,9 @@ def mimebundle(obj) -> tuple[dict, dict]:
     if inline_figure(obj):  # a matplotlib figure has no rich repr of its own
         data["image/png"] = figure_png(obj)
     try:
-        bundle = obj._repr_mimebundle_(include=None, exclude=None)
+        if (method := getattr(obj, "_repr_mimebundle_", None)) is None:
+            return data, metadata
+        bundle = method(include=None, exclude=None)
     except Exception as e:
         repr_failed(obj, "_repr_mimebundle_", e)
         return data, metadata

@@ -414,10 +414,15 @@ def test_execution_count_and_execute_input(kernel):
     nxt, _ = run(kc, "4")
     assert nxt["execution_count"] == n + 2
     for blank in ("", "  \n"):  # nothing to run: not counted, not kept, as in IPython
-        assert run(kc, blank)[0]["execution_count"] == n + 2
-    assert run(kc, "5")[0]["execution_count"] == n + 3
+        reply, outputs = run(kc, blank)
+        assert (reply["status"], reply["execution_count"]) == ("ok", n + 2)
+        assert [t for t, c in outputs if t != "status"] == ["execute_input"]
+    comment, outputs = run(kc, "# a note, no code")  # counted, as in IPython, and runs nothing
+    assert (comment["status"], comment["execution_count"]) == ("ok", n + 3)
+    assert [t for t, c in outputs if t != "status"] == ["execute_input"]
+    assert run(kc, "5")[0]["execution_count"] == n + 4
     history = kc.history(hist_access_type="tail", n=2, reply=True, timeout=TIMEOUT)
-    assert [code for _, _, code in history["content"]["history"]] == ["4", "5"]
+    assert [code for _, _, code in history["content"]["history"]] == ["# a note, no code", "5"]
 
 
 def test_order_busy_input_outputs_reply_idle(kernel):
